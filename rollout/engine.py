@@ -1,0 +1,212 @@
+"""Step-wise sampling engine with continuous batching of variable-length trajectories.
+
+Every backbone call advances all active trajectories by one step, and everything around it (the
+schedule decision, the Euler update, termination, bookkeeping) is vectorised over the batch. With
+continuous batching a trajectory that finishes leaves its slot at once and the next queued one joins,
+so no slot idles waiting for the slowest sample of the batch.
+
+Terminal step (the same for the TPM and every fixed schedule): when the proposed sigma_next falls
+below ``sigma_min`` (or is 0, or the step budget ``max_steps`` is reached), the trajectory finishes
+with the Euler step to sigma 0 from the current velocity, x0 = x - sigma * v. That step uses the
+velocity already computed, so NFE (transformer calls, CFG counted once) = number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone
+from .rng import keyed_normal_noise
+from .trajectory import Trajectories
+
+
+@dataclass
+class Proposal:
+    """A schedule's decision for a batch of active trajectories at their current step."""
+
+    sigma_next: torch.Tensor  # [B] proposed next sigma (before the terminal rule)
+    action: torch.Tensor  # [B] the action taken (ratio r for the TPM)
+    logp: torch.Tensor  # [B] behaviour log-prob of the action (0 for deterministic schedules)
+
+
+class Schedule:
+    """Decides sigma_next for each active trajectory. ``sigma_min``: finish below this sigma."""
+
+    sigma_min: float = 0.0
+    uses_features: bool = False
+
+    def propose(self, features: torch.Tensor, temb: torch.Tensor, sigma: torch.Tensor, step: torch.Tensor,
+                keys: torch.Tensor) -> Proposal:
+        raise NotImplementedError
+
+
+class FixedSchedule(Schedule):
+    """A fixed sigma table (e.g. the backbone's shifted flow-matching schedule), ending with 0."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas.float().cpu()
+        if self.sigmas[-1] != 0:
+            self.sigmas = torch.cat([self.sigmas, torch.zeros(1)])
+        self.num_steps = int(self.sigmas.numel() - 1)
+
+    def propose(self, features, temb, sigma, step, keys) -> Proposal:
+        nxt = self.sigmas.to(sigma.device)[(step + 1).clamp(max=self.num_steps)]
+        return Proposal(nxt, nxt / sigma.clamp_min(1e-12), torch.zeros_like(sigma))
+
+
+class TPMSchedule(Schedule):
+    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``) or the Beta mode (``mode='mode'``)."""
+
+    uses_features = True
+
+    def __init__(self, policy: torch.nn.Module, sigma_min: float, mode: str = "sample",
+                 feature_dtype: torch.dtype = torch.float32) -> None:
+        from tpdm_rl.policy import beta_log_prob, beta_mode, sample_ratio
+
+        if mode not in ("sample", "mode"):
+            raise ValueError(f"TPM schedule mode must be 'sample' or 'mode', got {mode!r}")
+        self.policy = policy
+        self.sigma_min = float(sigma_min)
+        self.mode = mode
+        self.feature_dtype = feature_dtype
+        self._log_prob, self._mode, self._sample = beta_log_prob, beta_mode, sample_ratio
+
+    @torch.no_grad()
+    def propose(self, features, temb, sigma, step, keys) -> Proposal:
+        # the policy sees exactly what is stored for the learner (features cast to the storage dtype)
+        dev = next(self.policy.parameters()).device
+        feats = features.to(self.feature_dtype).to(dev)
+        alpha, beta = self.policy(feats, temb.to(dev), sigma.to(dev))
+        if self.mode == "sample":
+            r = self._sample(alpha, beta, keys.to(dev), step.to(dev))
+        else:
+            r = self._mode(alpha, beta).float()
+        logp = self._log_prob(alpha, beta, r)
+        r, logp = r.to(sigma.device), logp.to(sigma.device)
+        return Proposal(r * sigma, r, logp)
+
+
+class SamplingEngine:
+    """Runs many trajectories through the backbone with a fixed number of batch slots."""
+
+    def __init__(self, backbone: Backbone, height: int, width: int, batch_size: int = 16, max_steps: int = 28,
+                 sigma_max: float = 1.0, continuous: bool = True, record_features: bool = True,
+                 feature_dtype: torch.dtype = torch.float32, decode_batch_size: int = 16) -> None:
+        self.backbone = backbone
+        self.height, self.width = int(height), int(width)
+        self.latent_shape = backbone.latent_shape(self.height, self.width)
+        self.batch_size = int(batch_size)
+        self.max_steps = int(max_steps)
+        self.sigma_max = float(sigma_max)
+        self.continuous = bool(continuous)
+        self.record_features = bool(record_features)
+        self.feature_dtype = feature_dtype
+        self.decode_batch_size = int(decode_batch_size)
+        self.stats = {"backbone_calls": 0, "slot_steps": 0}
+
+    def initial_noise(self, noise_seeds: list[int]) -> torch.Tensor:
+        return keyed_normal_noise(noise_seeds, self.latent_shape, device=self.backbone.device)
+
+    def run(self, prompts: list[str], noise_seeds: list[int], sample_keys: torch.Tensor, schedule: Schedule,
+            decode: bool = True, policy_version: int = 0, max_steps: int | None = None,
+            initial_latents: torch.Tensor | None = None) -> Trajectories:
+        """Generate one trajectory per (prompt, noise seed, sample key); results sorted by index."""
+        n = len(prompts)
+        if len(noise_seeds) != n or sample_keys.numel() != n:
+            raise ValueError(f"need one noise seed and sample key per prompt: {n}, {len(noise_seeds)}, "
+                             f"{sample_keys.numel()}")
+        max_steps = int(max_steps or self.max_steps)
+        dev = self.backbone.device
+        bb = self.backbone
+        record_feats = self.record_features and schedule.uses_features
+        sample_keys = sample_keys.to(torch.int64).cpu()
+        embeds, pooled = bb.encode_prompts(prompts)  # cached: G samples of a group share one encoding
+
+        s = min(self.batch_size, max(n, 1))
+        slot_traj = torch.full((s,), -1, dtype=torch.int64)
+        lat = torch.zeros((s, *self.latent_shape), device=dev, dtype=torch.float32)
+        sig = torch.zeros(s, dtype=torch.float32)
+        stp = torch.zeros(s, dtype=torch.int64)
+        final = torch.zeros((n, *self.latent_shape), dtype=torch.float32)
+        steps_out = torch.zeros(n, dtype=torch.int64)
+        rows: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                               ("traj", "step", "sigma", "sigma_next", "action", "logp", "valid",
+                                                "features", "temb")}
+        queue = 0
+        while True:
+            free = torch.nonzero(slot_traj < 0).reshape(-1)
+            if queue < n and free.numel() and (self.continuous or free.numel() == s):
+                k = min(int(free.numel()), n - queue)
+                idx, new = free[:k], torch.arange(queue, queue + k)
+                queue += k
+                slot_traj[idx] = new
+                if initial_latents is not None:
+                    lat[idx.to(dev)] = initial_latents[new].to(dev, torch.float32)
+                else:
+                    lat[idx.to(dev)] = self.initial_noise([noise_seeds[i] for i in new.tolist()])
+                sig[idx] = self.sigma_max
+                stp[idx] = 0
+            act = torch.nonzero(slot_traj >= 0).reshape(-1)
+            if act.numel() == 0:
+                break
+            traj = slot_traj[act]
+            out = bb.step(lat[act.to(dev)], sig[act], embeds[traj.to(dev)], pooled[traj.to(dev)],
+                          need_features=schedule.uses_features)
+            self.stats["backbone_calls"] += 1
+            self.stats["slot_steps"] += int(act.numel())
+            feats = out.features.to(self.feature_dtype) if schedule.uses_features else out.features
+            prop = schedule.propose(feats, out.temb, sig[act], stp[act], sample_keys[traj])
+            sigma_now = sig[act]
+            nxt = prop.sigma_next.float().cpu()
+            below = (nxt < schedule.sigma_min) | (nxt <= 0)
+            at_budget = stp[act] + 1 >= max_steps
+            done = below | at_budget
+            target = torch.where(done, torch.zeros_like(nxt), nxt)
+            new_lat = lat[act.to(dev)] + (target - sigma_now).to(dev).reshape(-1, 1, 1, 1) * out.velocity
+            rows["traj"].append(traj)
+            rows["step"].append(stp[act].clone())
+            rows["sigma"].append(sigma_now.clone())
+            rows["sigma_next"].append(target)
+            rows["action"].append(prop.action.float().cpu())
+            rows["logp"].append(prop.logp.float().cpu())
+            rows["valid"].append(~(at_budget & ~below))
+            if record_feats:
+                rows["features"].append(feats.cpu())
+                rows["temb"].append(out.temb.cpu())
+            lat[act.to(dev)] = new_lat
+            sig[act] = target
+            stp[act] += 1
+            fin = act[done]
+            if fin.numel():
+                ft = slot_traj[fin]
+                final[ft] = lat[fin.to(dev)].float().cpu()
+                steps_out[ft] = stp[fin]
+                slot_traj[fin] = -1
+
+        cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in rows.items()}
+        order = torch.argsort(cat["traj"] * (max_steps + 1) + cat["step"])
+        per_row = {k: (v[order] if v.numel() else v) for k, v in cat.items()}
+        if not record_feats:
+            per_row["features"] = torch.empty(0)
+            per_row["temb"] = torch.empty(0)
+        images = bb.decode(final, self.decode_batch_size) if decode else torch.empty(0)
+        return Trajectories(
+            traj=per_row["traj"].to(torch.int64), step=per_row["step"].to(torch.int64), sigma=per_row["sigma"],
+            sigma_next=per_row["sigma_next"], action=per_row["action"], logp=per_row["logp"],
+            valid=per_row["valid"].to(torch.bool), features=per_row["features"], temb=per_row["temb"],
+            steps=steps_out, latents=final, images=images, prompts=list(prompts), policy_version=policy_version,
+        )
+
+    def run_fixed(self, prompts: list[str], noise_seeds: list[int], num_steps: int, decode: bool = True
+                  ) -> Trajectories:
+        """The backbone's default (shifted) schedule with ``num_steps`` steps, e.g. fidelity references."""
+        sched = FixedSchedule(self.backbone.default_sigmas(num_steps))
+        keys = torch.zeros(len(prompts), dtype=torch.int64)
+        saved = self.sigma_max
+        self.sigma_max = float(sched.sigmas[0])
+        try:
+            return self.run(prompts, noise_seeds, keys, sched, decode=decode, max_steps=num_steps)
+        finally:
+            self.sigma_max = saved

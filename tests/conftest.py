@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny offline backbone per test session, small fast configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    from rollout.tiny_backbone import make_tiny_backbone
+
+    return str(make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"), seed=0, sample_size=128))
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_backbone_dir):
+    from rollout.backbone import Backbone
+
+    return Backbone(tiny_backbone_dir, device="cpu", feature_blocks=(0, -1), feature_grid=4, max_sequence_length=32)
+
+
+def small_overrides(backbone_dir: str, **extra) -> list[str]:
+    """Overrides that make a training run take a few seconds."""
+    base = {
+        "backbone.path": backbone_dir,
+        "backbone.resolution": 64,
+        "backbone.feature_grid": 4,
+        "rollout.prompts_per_iteration": 2,
+        "rollout.group_size": 4,
+        "rollout.batch_size": 4,
+        "rollout.max_steps": 12,
+        "rollout.reference_steps": 12,
+        "policy.hidden": 16,
+        "policy.init_ratio": 0.7,
+        "policy.init_concentration": 10,
+        "step_penalty.coef": 1.0,
+        "train.iterations": 2,
+        "checkpoint.every": 1,
+        "logging.progress": False,
+        "logging.tensorboard": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rollout.backbone import Backbone, BackboneError
+from rollout.tiny_backbone import make_tiny_backbone
+
+
+def test_tiny_backbone_is_a_diffusers_sd3_folder_and_seeded(tmp_path, tiny_backbone_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_backbone_dir)
+    assert pipe.transformer.config.in_channels == 16 and pipe.transformer.config.patch_size == 2
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8
+    assert pipe.text_encoder is not None and pipe.text_encoder_2 is not None and pipe.text_encoder_3 is not None
+    again = make_tiny_backbone(tmp_path / "again", seed=0)
+    other = make_tiny_backbone(tmp_path / "other", seed=1)
+    f = "transformer/diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(str(Path(d) / f)) for d in (tiny_backbone_dir, again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((Path(tiny_backbone_dir) / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusion3Pipeline"
+
+
+def test_hooks_capture_block_outputs_and_temb(backbone):
+    tr = backbone.transformer
+    captured = {}
+    hooks = [tr.transformer_blocks[i].register_forward_hook(
+        lambda m, a, o, i=i: captured.__setitem__(i, o[1])) for i in (0, 1)]
+    hooks.append(tr.time_text_embed.register_forward_hook(lambda m, a, o: captured.__setitem__("temb", o)))
+    try:
+        e, p = backbone.encode_prompts(["a cat", "a dog"])
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.9, 0.4])
+        out = backbone.step(x, sigma, e, p)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.velocity.shape == (2, 16, 8, 8)
+    assert out.features.shape == (2, 2 * backbone.hidden_size, 4, 4)
+    assert out.temb.shape == (2, backbone.hidden_size)
+    # conditional half of the CFG batch, tokens laid out on the 4x4 patch grid (pool 4 -> 4 = identity)
+    blk0 = captured[0][2:].transpose(1, 2).reshape(2, backbone.hidden_size, 4, 4)
+    torch.testing.assert_close(out.features[:, :backbone.hidden_size], blk0)
+    torch.testing.assert_close(out.temb, captured["temb"][2:])
+    # CFG combination of one batched forward
+    with torch.no_grad():
+        ne, npl = backbone.encode_prompts([""])
+        raw = tr(hidden_states=torch.cat([x, x]), timestep=torch.cat([sigma, sigma]) * 1000,
+                 encoder_hidden_states=torch.cat([ne.expand(2, -1, -1), e]),
+                 pooled_projections=torch.cat([npl.expand(2, -1), p]), return_dict=False)[0]
+    u, c = raw.chunk(2)
+    torch.testing.assert_close(out.velocity, u + backbone.guidance_scale * (c - u), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_embeddings_are_encoded_once(backbone, monkeypatch):
+    calls = []
+    orig = backbone.pipe.encode_prompt
+
+    def counting(**kw):
+        calls.append(list(kw["prompt"]))
+        return orig(**kw)
+
+    monkeypatch.setattr(backbone.pipe, "encode_prompt", counting)
+    backbone.encode_prompts(["unique prompt alpha"] * 8 + ["unique prompt beta"] * 8)
+    backbone.encode_prompts(["unique prompt alpha"] * 4)
+    assert calls == [["unique prompt alpha", "unique prompt beta"]]
+
+
+def test_backbone_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="does not exist") as e:
+        Backbone(str(tmp_path / "nope"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match="model_index.json"):
+        Backbone(str(tmp_path / "empty"))

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from tpdm_rl.config import ConfigError, load_config
+
+
+def _err(tmp_path, text, overrides=()):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_tiny_config_validate():
+    cfg = load_config("configs/tiny.yaml")
+    assert cfg.rollout.group_size == 8 and "fidelity" in cfg.rewards
+    assert load_config(None).step_penalty.mode == "additive"
+
+
+def test_unknown_key_names_the_path(tmp_path):
+    msg = _err(tmp_path, "rollout:\n  group_sise: 4\n")
+    assert "rollout.group_sise" in msg and "unknown key" in msg
+
+
+def test_wrong_type_and_out_of_range(tmp_path):
+    assert "rollout.group_size" in _err(tmp_path, "rollout:\n  group_size: many\n")
+    msg = _err(tmp_path, "rollout:\n  group_size: 1\n")
+    assert "rollout.group_size" in msg and "got 1" in msg
+    assert "optim.lr" in _err(tmp_path, "optim:\n  lr: -1\n")
+
+
+def test_overrides_are_validated(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["rollout.group_size=4", "rewards.fidelity.weight=0.5"])
+    assert cfg.rollout.group_size == 4 and cfg.rewards["fidelity"].weight == 0.5
+    with pytest.raises(ConfigError, match="algorithm.clip_epz"):
+        load_config("configs/tiny.yaml", ["algorithm.clip_epz=0.1"])
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        load_config("configs/tiny.yaml", ["oops"])
+
+
+def test_discount_refused_with_rewards_that_can_be_negative(tmp_path):
+    # fidelity (PSNR) is non-negative: allowed
+    load_config(None, ["step_penalty.mode=discount"])
+    # a normalised component can be negative: the gamma^k discount would reward more steps
+    with pytest.raises(ConfigError, match="discount"):
+        load_config(None, ["step_penalty.mode=discount", "rewards.fidelity.normalize=group"])
+    with pytest.raises(ConfigError, match="unknown reward"):
+        load_config(None, ["rewards.nonsense.weight=1"])
+
+
+def test_policy_init_must_give_beta_parameters_above_one():
+    with pytest.raises(ConfigError, match="policy"):
+        load_config(None, ["policy.init_ratio=0.95", "policy.init_concentration=10"])
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  group_sise: 4\n")
+    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "train", "--config", str(bad), "--output",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and "rollout.group_sise" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,77 @@
+import torch
+
+from tpdm_rl.objective import (
+    RunningMeanStd,
+    compose_reward,
+    group_normalize,
+    grpo_advantages,
+    ppo_clip_loss,
+)
+
+
+def test_grpo_advantages_on_hand_made_groups():
+    fid = torch.tensor([10.0, 12.0, 14.0, 1.0, 1.0, 4.0])
+    steps = torch.tensor([4, 4, 4, 2, 5, 2])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = grpo_advantages({"fidelity": fid}, {"fidelity": 1.0}, steps, group, penalty_coef=1.0, eps=0.0)
+    # group 0: R = 6, 8, 10 -> mean 8, std (unbiased) 2 -> -1, 0, 1
+    # group 1: R = -1, -4, 2 -> mean -1, std 3 -> 0, -1, 1
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, -1.0, 1.0]))
+
+
+def test_group_normalize_global_and_none():
+    x = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    g = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(group_normalize(x, g, "none"), torch.tensor([-1.0, 1.0, -5.0, 5.0]))
+    glob = group_normalize(x, g, "global", eps=0.0)
+    torch.testing.assert_close(glob, torch.tensor([-1.0, 1.0, -5.0, 5.0]) / x.std())
+
+
+def test_per_reward_norm_balances_scales():
+    big = torch.tensor([1000.0, 2000.0, 0.0, 0.0])
+    small = torch.tensor([2.0, 1.0, 1.0, 2.0])
+    g = torch.tensor([0, 0, 1, 1])
+    adv = grpo_advantages({"a": big, "b": small}, {"a": 1.0, "b": 1.0}, torch.zeros(4), g,
+                          per_reward_norm=True, eps=1e-8)
+    # group 0: a -> (-.707, .707), b -> (.707, -.707): they cancel exactly
+    torch.testing.assert_close(adv[:2], torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_compose_reward_additive_and_discount():
+    comps = {"x": torch.tensor([2.0, 4.0]), "y": torch.tensor([1.0, 0.0])}
+    w = {"x": 0.5, "y": 2.0}
+    steps = torch.tensor([10, 20])
+    torch.testing.assert_close(compose_reward(comps, w, steps, "additive", 0.1), torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(compose_reward(comps, w, steps, "discount", gamma=0.9),
+                               torch.tensor([3.0 * 0.9**10, 2.0 * 0.9**20]))
+
+
+def test_ppo_clip_loss_against_hand_computation():
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 3.0]))
+    adv = torch.tensor([1.0, 1.0, -2.0, 5.0])
+    mask = torch.tensor([True, True, True, False])
+    st = ppo_clip_loss(new, old, adv, mask, clip_eps=0.2)
+    # per step: max(-A r, -A clip(r)):
+    # r=1.5,A=1: max(-1.5,-1.2)=-1.2; r=.5,A=1: max(-.5,-.8)=-.5; r=1.1,A=-2: max(2.2,2.2)=2.2; masked
+    expected = (-1.2 - 0.5 + 2.2) / 3
+    assert abs(st.loss.item() - expected) < 1e-6
+    assert abs(st.clipfrac.item() - 2 / 3) < 1e-6
+    r = torch.tensor([1.5, 0.5, 1.1])
+    assert abs(st.approx_kl.item() - ((r - 1) - torch.log(r)).mean().item()) < 1e-6
+
+
+def test_ppo_gradient_zero_when_clipped():
+    new = torch.log(torch.tensor([1.5])).requires_grad_(True)
+    st = ppo_clip_loss(new, torch.zeros(1), torch.tensor([1.0]), torch.tensor([True]), 0.2)
+    st.loss.backward()
+    assert new.grad.abs().item() == 0.0
+
+
+def test_running_mean_std_matches_batch_statistics():
+    rms = RunningMeanStd()
+    data = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    for chunk in data.split(37):
+        rms.update(chunk)
+    assert abs(rms.mean - data.double().mean().item()) < 1e-9
+    assert abs(rms.var - data.double().var(unbiased=False).item()) < 1e-9

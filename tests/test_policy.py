@@ -1,0 +1,66 @@
+import math
+
+import torch
+
+from rollout.rng import counter_beta, counter_normal, counter_uniform, derive_key
+from tpdm_rl.policy import TimePredictionModule, TPMSpec, beta_log_prob, beta_mode
+
+
+def test_beta_log_prob_matches_direct_formula():
+    a = torch.tensor([1.5, 2.0, 16.0, 3.3])
+    b = torch.tensor([4.0, 1.2, 4.0, 7.1])
+    r = torch.tensor([0.2, 0.9, 0.75, 0.31])
+    direct = ((a - 1) * torch.log(r) + (b - 1) * torch.log1p(-r)
+              - (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)))
+    torch.testing.assert_close(beta_log_prob(a, b, r), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_beta_mode_is_argmax_of_density():
+    a, b = torch.tensor([16.0]), torch.tensor([4.0])
+    grid = torch.linspace(0.01, 0.99, 9801)
+    dens = beta_log_prob(a.expand_as(grid), b.expand_as(grid), grid)
+    assert abs(grid[dens.argmax()].item() - beta_mode(a, b).item()) < 2e-4
+
+
+def test_counter_uniform_depends_only_on_key_and_counter():
+    keys = torch.tensor([derive_key(0, i) for i in range(6)])
+    ctr = torch.tensor([0, 1, 2, 3, 4, 5])
+    full = counter_uniform(keys, ctr, 4)
+    # the same rows in another order and batch composition give identical numbers
+    perm = torch.tensor([5, 2, 0])
+    torch.testing.assert_close(counter_uniform(keys[perm], ctr[perm], 4), full[perm], rtol=0, atol=0)
+    assert ((full > 0) & (full < 1)).all()
+    assert len(set(full.flatten().tolist())) == full.numel()
+
+
+def test_counter_streams_are_uniform_and_normal():
+    keys = torch.full((200_000,), derive_key(1, 2))
+    u = counter_uniform(keys, torch.arange(200_000), 1).reshape(-1)
+    assert abs(u.mean().item() - 0.5) < 0.005
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / u.numel()
+    assert (hist - 0.1).abs().max() < 0.005
+    z = counter_normal(keys[:50_000], torch.arange(50_000), 2)
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+
+
+def test_counter_beta_matches_beta_moments():
+    n = 40_000
+    a, b = torch.full((n,), 16.0), torch.full((n,), 4.0)
+    x = counter_beta(a, b, torch.full((n,), 12345), torch.arange(n))
+    mean, var = 16 / 20, 16 * 4 / (20**2 * 21)
+    assert abs(x.mean().item() - mean) < 0.003
+    assert abs(x.var().item() - var) / var < 0.05
+    a2, b2 = torch.full((n,), 1.3), torch.full((n,), 2.5)
+    y = counter_beta(a2, b2, torch.full((n,), 7), torch.arange(n))
+    assert abs(y.mean().item() - 1.3 / 3.8) < 0.005
+
+
+def test_tpm_initial_distribution_and_shapes():
+    spec = TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16, init_ratio=0.7, init_concentration=10)
+    tpm = TimePredictionModule(spec)
+    a, b = tpm(torch.randn(5, 64, 4, 4), torch.randn(5, 32), torch.rand(5))
+    assert a.shape == b.shape == (5,)
+    torch.testing.assert_close(a / (a + b), torch.full((5,), 0.7), atol=0.01, rtol=0)
+    torch.testing.assert_close(a + b, torch.full((5,), 10.0), atol=0.1, rtol=0)
+    assert math.isfinite(beta_log_prob(a, b, torch.full((5,), 0.5)).sum().item())

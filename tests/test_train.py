@@ -1,0 +1,126 @@
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import small_overrides
+from safetensors.torch import load_file
+
+from tpdm_rl.config import load_config
+from tpdm_rl.learner import policy_terms
+from tpdm_rl.metrics import read_metrics
+from tpdm_rl.trainer import Trainer, learn_batch, plan_iteration
+
+CORE_KEYS = ["iteration", "reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy",
+             "policy/clipfrac", "policy/approx_kl", "time/rollout_s", "time/reward_s", "time/learn_s"]
+
+
+def _trainer(tmp_path, tiny_backbone_dir, name="run", resume=None, **extra):
+    cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **extra))
+    return Trainer(cfg, output=tmp_path / name, resume=resume)
+
+
+def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path, tiny_backbone_dir):
+    tr = _trainer(tmp_path, tiny_backbone_dir, **{"logging.tensorboard": True, "checkpoint.keep_last": 1,
+                                                  "train.iterations": 3})
+    tr.train()
+    out = tmp_path / "run"
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in recs] == [0, 1, 2]
+    for k in CORE_KEYS:
+        assert all(isinstance(r[k], (int, float)) for r in recs), k
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
+    ck = out / "checkpoints" / "step_3"
+    assert {p.name for p in ck.iterdir()} >= {"tpm.safetensors", "trainer_state.json", "config.yaml"}
+    assert json.loads((ck / "trainer_state.json").read_text())["iteration"] == 3
+    # keep_last=1 rotated the older ones away
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_3"]
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_first_epoch_ratio_is_one(tmp_path, tiny_backbone_dir):
+    tr = _trainer(tmp_path, tiny_backbone_dir)
+    plan = plan_iteration(tr.cfg, tr.sampler, tr.prompts, 0)
+    trajs = tr.worker.generate(tr.policy, plan.prompts, plan.noise_seeds, plan.sample_keys)
+    batch = learn_batch(trajs, torch.ones(trajs.num_trajectories))
+    with torch.no_grad():
+        logp = policy_terms(tr.policy, batch)[0]
+    torch.testing.assert_close(logp, trajs.logp, rtol=0, atol=1e-5)
+    m = tr.run_iteration(0)
+    assert m["policy/first_step_clipfrac"] == 0.0
+    assert m["policy/behaviour_logp_err"] < 1e-5
+
+
+def test_same_seed_gives_identical_runs_and_resume_is_exact(tmp_path, tiny_backbone_dir):
+    a = _trainer(tmp_path, tiny_backbone_dir, "a", **{"train.iterations": 4})
+    a.train()
+    b = _trainer(tmp_path, tiny_backbone_dir, "b", **{"train.iterations": 4})
+    b.train()
+    # interrupted run: 2 iterations, then resume for the remaining 2
+    c = _trainer(tmp_path, tiny_backbone_dir, "c", **{"train.iterations": 2})
+    c.train()
+    c2 = _trainer(tmp_path, tiny_backbone_dir, "c", resume="auto", **{"train.iterations": 4})
+    assert c2.start_iteration == 2
+    c2.train()
+    ra, rb, rc = (read_metrics(tmp_path / n / "metrics.jsonl") for n in "abc")
+    for k in ("reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy"):
+        assert [r[k] for r in ra] == [r[k] for r in rb] == [r[k] for r in rc], k
+    wa, wb, wc = (load_file(str(tmp_path / n / "checkpoints" / "step_4" / "tpm.safetensors")) for n in "abc")
+    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
+    assert [r["iteration"] for r in rc] == [0, 1, 2, 3]
+
+
+def test_nan_reward_skips_the_update_and_continues(tmp_path, tiny_backbone_dir):
+    tr = _trainer(tmp_path, tiny_backbone_dir, **{"train.iterations": 2})
+    orig = tr.rewards.score
+    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+
+    def nan_first(images, prompts, references=None):
+        out = orig(images, prompts, references)
+        out["fidelity"][1] = float("nan")
+        return out
+
+    tr.rewards.score = nan_first
+    m0 = tr.run_iteration(0)
+    assert m0["health/skipped_updates"] == 1 and m0["health/nonfinite_reward"].startswith("fidelity=nan")
+    assert all(torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+    tr.rewards.score = orig
+    m1 = tr.run_iteration(1)
+    assert m1["health/skipped_updates"] == 1
+    assert any(not torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tpdm_rl.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _one_line_error(r):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_backbone_dir):
+    over = [a for kv in small_overrides(tiny_backbone_dir) for a in ("--set", kv)]
+    bad_prompts = tmp_path / "p.jsonl"
+    bad_prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r1"), *over,
+                                "--set", f"rollout.prompts={bad_prompts}"))
+    assert "p.jsonl" in line and ":2" in line
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r2"), *over,
+                                "--resume", str(tmp_path / "missing_ckpt")))
+    assert "missing_ckpt" in line
+    ck = tmp_path / "corrupt"
+    ck.mkdir()
+    (ck / "tpm.safetensors").write_bytes(b"garbage" * 10)
+    (ck / "trainer_state.json").write_text("{}")
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r3"), *over,
+                                "--resume", str(ck)))
+    assert "tpm.safetensors" in line and "corrupt" in line
+    line = _one_line_error(_cli("train", "--config", str(tmp_path / "nope.yaml")))
+    assert "nope.yaml" in line
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--set", "backbone.path=/no/such/dir",
+                                "--output", str(tmp_path / "r4")))
+    assert "/no/such/dir" in line

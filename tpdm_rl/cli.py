@@ -1,0 +1,109 @@
+"""``tpdm-rl`` command line: every error is one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAIL = 1
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*deterministic.*")
+    for name in ("diffusers", "transformers", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
+    from rollout.tiny_backbone import make_tiny_backbone
+
+    out = make_tiny_backbone(args.dir, seed=args.seed, sample_size=args.size)
+    print(f"tiny SD3 backbone written to {out} (seed {args.seed}, {args.size} px)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer, write_summary
+
+    cfg = load_config(args.config, args.set)
+    output = Path(args.output or cfg.output)
+    if args.output:
+        cfg = cfg.model_copy(update={"output": str(output)})
+    trainer = Trainer(cfg, output=output, resume=args.resume)
+    if trainer.resumed_from is not None:
+        print(f"resuming from {trainer.resumed_from} (iteration {trainer.start_iteration})", file=sys.stderr)
+    trainer.train()
+    print(f"\nrun finished: {output} (metrics.jsonl, tb/, checkpoints/)")
+    print(write_summary(output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpdm-rl", description="RL for per-prompt diffusion schedules (TPDM on SD3).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny-backbone", help="write the tiny random offline SD3 pipeline folder")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--size", type=int, default=128, help="default image size in pixels")
+    t.set_defaults(func=cmd_make_tiny_backbone)
+
+    tr = sub.add_parser("train", help="train a TPM")
+    tr.add_argument("--config", default=None, help="YAML config (default: built-in tiny defaults)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tr.add_argument("--output", default=None, help="run directory (default: config 'output')")
+    tr.add_argument("--resume", default=None, metavar="auto|PATH", help="resume from latest or a checkpoint dir")
+    tr.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    from rewards.base import RewardError
+    from rollout.backbone import BackboneError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .prompts import PromptFileError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"tpdm-rl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError) as exc:
+        print(f"tpdm-rl: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("tpdm-rl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
