@@ -70,7 +70,7 @@ def load_tpm(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tim
     return policy.to(device)
 
 
-def tpm_meta(path: str | os.PathLike) -> dict[str, str]:
+def read_tpm_meta(path: str | os.PathLike) -> dict[str, str]:
     p = Path(path)
     return read_tpm_file(p / TPM_FILE if p.is_dir() else p)[1]
 
@@ -85,7 +85,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModule, optimizer_state: dict | None,
                     trainer_state: dict, config_yaml: str, keep_last: int = 3,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None, tpm_meta: dict | None = None) -> Path:
     """Write ``step_<iteration>`` completely, then point ``latest`` at it, then rotate old ones."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{iteration}"
@@ -94,7 +94,7 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration})
+    save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / OPTIM_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")

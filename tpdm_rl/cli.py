@@ -45,6 +45,17 @@ def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
+    import yaml
+
+    from rewards.fixtures import make_all
+
+    opts = make_all(args.dir, seed=args.seed)
+    print(f"tiny random reward models (real file formats) written to {args.dir}; use them as:")
+    print(yaml.safe_dump({"rewards": {k: {"weight": 1.0, **v} for k, v in opts.items()}}, sort_keys=False))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import Trainer, write_summary
@@ -53,7 +64,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or cfg.output)
     if args.output:
         cfg = cfg.model_copy(update={"output": str(output)})
-    trainer = Trainer(cfg, output=output, resume=args.resume)
+    if args.address:
+        cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"enabled": True})})
+    if cfg.distributed.enabled:
+        from .ray_trainer import RayTrainer
+
+        trainer = RayTrainer(cfg, output=output, resume=args.resume, address=args.address)
+    else:
+        trainer = Trainer(cfg, output=output, resume=args.resume)
     if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from} (iteration {trainer.start_iteration})", file=sys.stderr)
     trainer.train()
@@ -72,12 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int, default=128, help="default image size in pixels")
     t.set_defaults(func=cmd_make_tiny_backbone)
 
+    rw = sub.add_parser("make-tiny-rewards", help="write tiny random reward models in the real file formats")
+    rw.add_argument("dir")
+    rw.add_argument("--seed", type=int, default=0)
+    rw.set_defaults(func=cmd_make_tiny_rewards)
+
     tr = sub.add_parser("train", help="train a TPM")
     tr.add_argument("--config", default=None, help="YAML config (default: built-in tiny defaults)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.add_argument("--output", default=None, help="run directory (default: config 'output')")
     tr.add_argument("--resume", default=None, metavar="auto|PATH", help="resume from latest or a checkpoint dir")
+    tr.add_argument("--address", default=None,
+                    help="Ray cluster to join (implies distributed.enabled); default: RAY_ADDRESS or a local instance")
     tr.set_defaults(func=cmd_train)
+    from .cli_eval import register
+
+    register(sub)
     return p
 
 
@@ -91,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .prompts import PromptFileError
+    from .trainer import FatalRoleError
 
     try:
         return int(args.func(args) or 0)
@@ -99,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError) as exc:
         print(f"tpdm-rl: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAIL
+    except FatalRoleError as exc:
+        print(f"tpdm-rl: error: {exc} (state of the last completed iteration checkpointed)", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         print("tpdm-rl: interrupted", file=sys.stderr)

@@ -70,11 +70,59 @@ class RolloutConfig(_Strict):
 
 
 class RewardSpec(BaseModel):
-    """One reward component; keys other than weight/normalize are passed to ``build_reward``."""
+    """One reward component; keys other than these are passed to ``build_reward``.
+
+    ``num_workers`` / ``num_cpus`` / ``num_gpus`` size this component's Ray actor pool (default:
+    ``distributed.reward``).
+    """
 
     model_config = ConfigDict(extra="allow")
     weight: float = 1.0
     normalize: Literal["none", "running", "group"] = "none"
+    num_workers: int | None = Field(None, ge=1)
+    num_cpus: float | None = Field(None, ge=0.0)
+    num_gpus: float | None = Field(None, ge=0.0)
+
+
+class PoolConfig(_Strict):
+    """A Ray actor pool: how many actors and the resources of each (fractions allowed)."""
+
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class RolloutPoolConfig(PoolConfig):
+    num_workers: int = Field(2, ge=1)
+    num_cpus: float = Field(0.5, ge=0.0)
+
+
+class RewardPoolConfig(PoolConfig):
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0.0)
+
+
+class LearnerGroupConfig(_Strict):
+    num_ranks: int = Field(2, ge=1)
+    num_cpus: float = Field(0.25, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    optimizer: Literal["AdamW", "Adam"] = "AdamW"
+
+
+class DistributedConfig(_Strict):
+    """Ray layout. ``enabled: false`` runs the same algorithm in one process (no Ray, no DeepSpeed)."""
+
+    enabled: bool = False
+    address: str = Field("", description="Ray cluster address; empty = RAY_ADDRESS or a new local instance")
+    rollout: RolloutPoolConfig = Field(default_factory=RolloutPoolConfig)
+    reward: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
+    learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig)
+    groups_per_task: int = Field(0, ge=0, description="prompt groups per rollout task; 0 = split evenly")
+    threads_per_actor: int = Field(1, ge=1, description="torch threads in each actor process")
+    max_actor_restarts: int = Field(3, ge=0, description="restarts per actor slot before the run stops")
+    startup_timeout_s: float = Field(900.0, gt=0.0, description="how long actors may wait for resources")
 
 
 class StepPenaltyConfig(_Strict):
@@ -131,6 +179,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -163,6 +212,12 @@ class Config(_Strict):
     def reward_options(self, name: str) -> dict[str, Any]:
         spec = self.rewards[name]
         return dict(spec.model_extra or {})
+
+    def reward_pool(self, name: str) -> PoolConfig:
+        spec, base = self.rewards[name], self.distributed.reward
+        return PoolConfig(num_workers=spec.num_workers or base.num_workers,
+                          num_cpus=base.num_cpus if spec.num_cpus is None else spec.num_cpus,
+                          num_gpus=base.num_gpus if spec.num_gpus is None else spec.num_gpus)
 
 
 def _format_error(exc: ValidationError) -> str:

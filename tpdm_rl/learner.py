@@ -89,7 +89,7 @@ class Learner:
             m0 = batch.mask
             logp_err = float((logp0 - batch.old_logp).abs()[m0].max()) if m0.any() else 0.0
         for epoch in range(self.epochs):
-            for idx in minibatch_indices(len(batch), self.minibatches, self.seed, iteration, epoch):
+            for idx in self._minibatches(len(batch), iteration, epoch):
                 mb = batch.rows(idx)
                 logp, ent, alpha, beta = policy_terms(self.policy, mb)
                 kl = None
@@ -101,17 +101,10 @@ class Learner:
                 stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, self.clip_eps, kl, self.kl_coef, ent)
                 if epoch == 0 and count == 0:
                     first_clipfrac = float(stats.clipfrac)
-                self.optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(stats.loss):
+                gnorm = self._apply(stats.loss)
+                if gnorm is None:
                     skipped += 1
                     continue
-                stats.loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                if not torch.isfinite(gnorm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                self.optimizer.step()
                 for k, v in (("loss/policy", stats.policy_loss), ("loss/kl_ref", stats.kl_ref),
                              ("policy/clipfrac", stats.clipfrac), ("policy/approx_kl", stats.approx_kl),
                              ("policy/ratio_mean", stats.ratio_mean), ("policy/entropy", stats.entropy),
@@ -126,6 +119,22 @@ class Learner:
         for k in ("loss/policy", "policy/clipfrac", "policy/approx_kl"):
             out.setdefault(k, math.nan)
         return out
+
+    def _minibatches(self, n: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+        return minibatch_indices(n, self.minibatches, self.seed, iteration, epoch)
+
+    def _apply(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward + clipped optimiser step; None (and no step) when loss or gradients are not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if not torch.isfinite(gnorm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return gnorm
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

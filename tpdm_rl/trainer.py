@@ -23,9 +23,13 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sav
 from .config import Config, config_to_yaml
 from .learner import LearnBatch, Learner
 from .metrics import MetricsLogger
-from .objective import grpo_advantages
+from .objective import compose_reward, grpo_advantages
 from .policy import TimePredictionModule, TPMSpec
 from .prompts import PromptSampler, load_prompts
+
+
+class FatalRoleError(RuntimeError):
+    """A role keeps failing (e.g. an actor died more often than allowed); the run must stop."""
 
 
 @dataclass
@@ -65,11 +69,43 @@ def build_policy(cfg: Config, feature_channels: int, temb_dim: int) -> TimePredi
         torch.random.set_rng_state(gen_state)
 
 
+def inference_meta(cfg: Config, backbone, backbone_path: str) -> dict:
+    """What a TPM file must carry to be used without its training config (checked at load time)."""
+    return {
+        "backbone_path": backbone_path, "backbone_blocks": len(backbone.transformer.transformer_blocks),
+        "hidden_size": backbone.hidden_size, "feature_blocks": list(backbone.feature_blocks),
+        "feature_grid": backbone.feature_grid, "feature_dtype": cfg.backbone.feature_dtype,
+        "resolution": cfg.backbone.resolution, "guidance_scale": cfg.backbone.guidance_scale,
+        "max_sequence_length": cfg.backbone.max_sequence_length, "negative_prompt": cfg.backbone.negative_prompt,
+        "sigma_max": cfg.rollout.sigma_max, "sigma_min": cfg.rollout.sigma_min, "max_steps": cfg.rollout.max_steps,
+    }
+
+
 def learn_batch(trajs: Trajectories, advantages: torch.Tensor) -> LearnBatch:
     """Broadcast each trajectory's advantage to its steps."""
     return LearnBatch(features=trajs.features.float(), temb=trajs.temb.float(), sigma=trajs.sigma,
                       action=trajs.action, old_logp=trajs.logp, advantage=advantages[trajs.traj].float(),
                       mask=trajs.valid)
+
+
+def score_iteration(cfg: Config, rewards: RewardSet, raw: dict[str, torch.Tensor], steps: torch.Tensor,
+                    group: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """Reward metrics and GRPO advantages from raw component scores (None when a score is not finite)."""
+    metrics: dict = {f"reward/{name}": float(x.mean()) for name, x in raw.items()}
+    metrics.update(step_metrics(steps))
+    bad = rewards.first_nonfinite(raw)
+    if bad is not None:
+        metrics["reward/total"] = float("nan")
+        metrics["health/nonfinite_reward"] = bad
+        return metrics, None
+    normed = rewards.normalize(raw, group)
+    sp, alg = cfg.step_penalty, cfg.algorithm
+    total = compose_reward(normed, rewards.weights, steps, sp.mode, sp.coef, sp.gamma)
+    metrics["reward/total"] = float(total.mean())
+    metrics["reward/step_penalty"] = float(sp.coef * steps.float().mean()) if sp.mode == "additive" else 0.0
+    adv = grpo_advantages(normed, rewards.weights, steps, group, sp.mode, sp.coef, sp.gamma, alg.adv_std,
+                          alg.per_reward_norm, alg.adv_eps)
+    return metrics, adv
 
 
 def step_metrics(steps: torch.Tensor) -> dict[str, float]:
@@ -79,7 +115,11 @@ def step_metrics(steps: torch.Tensor) -> dict[str, float]:
 
 
 class Trainer:
-    """Runs ``cfg.train.iterations`` iterations in one process (the Ray trainer reuses the pieces)."""
+    """Runs ``cfg.train.iterations`` iterations in one process.
+
+    The Ray trainer (``tpdm_rl.ray_trainer``) subclasses this and replaces only the roles
+    (``_setup_roles``, ``run_iteration``, optimiser state); the loop, checkpoints and metrics are shared.
+    """
 
     def __init__(self, cfg: Config, output: str | Path | None = None, resume: str | None = None) -> None:
         self.cfg = cfg
@@ -91,42 +131,61 @@ class Trainer:
         # start-up checks that must fail before any rollout: prompts, rewards, checkpoint
         self.prompts = load_prompts(cfg.rollout.prompts)
         self.sampler = PromptSampler(self.prompts, cfg.seed)
-        self.rewards = RewardSet(cfg.rewards)
         ckpt = self._find_resume(resume)
         tiny_dir = cfg.backbone.tiny_dir or str(self.output / "tiny_backbone")
-        self.backbone_path = resolve_backbone_path(cfg.backbone.path, tiny_dir, cfg.backbone.tiny_seed,
-                                                   cfg.backbone.resolution)
-        self.worker = RolloutWorker(cfg.backbone, cfg.rollout, self.backbone_path)
-        bb = self.worker.backbone
-        policy = build_policy(cfg, bb.feature_channels, bb.temb_dim)
+        self.backbone_path = resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()),
+                                                   cfg.backbone.tiny_seed, cfg.backbone.resolution)
         self.start_iteration = 0
         self.policy_version = 0
-        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if ckpt is not None:
-            loaded = ckpt["policy"]
-            if loaded.spec != policy.spec:
-                raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} has TPM spec {loaded.spec}, but this config "
-                                      f"and backbone need {policy.spec}")
-            policy.load_state_dict(loaded.state_dict())
-        self.learner = Learner(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, clip_eps=cfg.algorithm.clip_eps,
-                               epochs=cfg.algorithm.epochs, minibatches=cfg.algorithm.minibatches,
-                               max_grad_norm=cfg.algorithm.max_grad_norm, kl_coef=cfg.algorithm.kl_coef,
-                               seed=cfg.seed, device=device)
         self.skipped_updates = 0
+        self.actor_restarts = 0
+        self._setup_roles(ckpt)
         if ckpt is not None:
             st = ckpt["state"]
-            if ckpt["optimizer"] is not None:
-                self.learner.load_state_dict(ckpt["optimizer"])
             self.start_iteration = int(st["iteration"])
             self.policy_version = int(st.get("policy_version", self.start_iteration))
             self.rewards.load_state_dict(st.get("reward_norm", {}))
             self.skipped_updates = int(st.get("skipped_updates", 0))
+            self.actor_restarts = int(st.get("actor_restarts", 0))
         self.resumed_from = ckpt["path"] if ckpt is not None else None
         self.metrics = MetricsLogger(self.output, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(mode="json"),
                                      resume_from_iteration=self.start_iteration if ckpt is not None else None)
         (self.output / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def _check_spec(self, ckpt: dict, policy: TimePredictionModule) -> None:
+        loaded = ckpt["policy"]
+        if loaded.spec != policy.spec:
+            raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} has TPM spec {loaded.spec}, but this config "
+                                  f"and backbone need {policy.spec}")
+
+    def _setup_roles(self, ckpt: dict | None) -> None:
+        """Local roles: reward models, the rollout worker (backbone) and the learner."""
+        cfg = self.cfg
+        self.rewards = RewardSet(cfg.rewards)
+        self.worker = RolloutWorker(cfg.backbone, cfg.rollout, self.backbone_path)
+        bb = self.worker.backbone
+        policy = build_policy(cfg, bb.feature_channels, bb.temb_dim)
+        if ckpt is not None:
+            self._check_spec(ckpt, policy)
+            policy.load_state_dict(ckpt["policy"].state_dict())
+        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.learner = Learner(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, clip_eps=cfg.algorithm.clip_eps,
+                               epochs=cfg.algorithm.epochs, minibatches=cfg.algorithm.minibatches,
+                               max_grad_norm=cfg.algorithm.max_grad_norm, kl_coef=cfg.algorithm.kl_coef,
+                               seed=cfg.seed, device=device)
+        if ckpt is not None and ckpt["optimizer"] is not None:
+            self.learner.load_state_dict(ckpt["optimizer"])
+
+    def _optimizer_state(self) -> dict | None:
+        return self.learner.state_dict()
+
+    def _inference_backbone(self):
+        return self.worker.backbone
+
+    def close(self) -> None:
+        """Release roles (nothing to do in one process)."""
 
     @property
     def policy(self) -> TimePredictionModule:
@@ -153,27 +212,12 @@ class Trainer:
         t2 = time.perf_counter()
         raw = self.rewards.score(trajs.images, plan.prompts, refs)
         t3 = time.perf_counter()
-        metrics: dict = {"iteration": it}
-        for name, x in raw.items():
-            metrics[f"reward/{name}"] = float(x.mean())
-        metrics.update(step_metrics(trajs.steps))
-        bad = self.rewards.first_nonfinite(raw)
-        if bad is not None:
+        metrics, adv = score_iteration(cfg, self.rewards, raw, trajs.steps, plan.group)
+        metrics = {"iteration": it, **metrics}
+        learn = {}
+        if adv is None:
             self.skipped_updates += 1
-            metrics["reward/total"] = float("nan")
-            metrics["health/nonfinite_reward"] = bad
-            learn = {}
         else:
-            normed = self.rewards.normalize(raw, plan.group)
-            sp = cfg.step_penalty
-            from .objective import compose_reward
-
-            total = compose_reward(normed, self.rewards.weights, trajs.steps, sp.mode, sp.coef, sp.gamma)
-            metrics["reward/total"] = float(total.mean())
-            metrics["reward/step_penalty"] = float(sp.coef * trajs.steps.float().mean()) if sp.mode == "additive" \
-                else 0.0
-            adv = grpo_advantages(normed, self.rewards.weights, trajs.steps, plan.group, sp.mode, sp.coef, sp.gamma,
-                                  cfg.algorithm.adv_std, cfg.algorithm.per_reward_norm, cfg.algorithm.adv_eps)
             learn = self.learner.update(learn_batch(trajs, adv), it)
             if learn.get("health/skipped_steps", 0):
                 self.skipped_updates += 1
@@ -192,9 +236,14 @@ class Trainer:
     def checkpoint(self, next_iteration: int) -> Path:
         state = {"iteration": next_iteration, "policy_version": self.policy_version,
                  "reward_norm": self.rewards.state_dict(), "skipped_updates": self.skipped_updates,
-                 "seed": self.cfg.seed, "backbone_path": self.backbone_path}
-        return save_checkpoint(self.ckpt_root, next_iteration, self.policy, self.learner.state_dict(), state,
-                               config_to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+                 "actor_restarts": self.actor_restarts, "seed": self.cfg.seed, "backbone_path": self.backbone_path,
+                 "rng": "none: every random draw is keyed by (seed, iteration, index)"}
+        return save_checkpoint(self.ckpt_root, next_iteration, self.policy, self._optimizer_state(), state,
+                               config_to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+                               tpm_meta={"inference": self._inference_meta()})
+
+    def _inference_meta(self) -> dict:
+        return inference_meta(self.cfg, self._inference_backbone(), self.backbone_path)
 
     def train(self) -> list[dict]:
         """Run the remaining iterations; returns this call's metrics records."""
@@ -204,9 +253,14 @@ class Trainer:
         records = []
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), total=cfg.train.iterations,
                    initial=self.start_iteration, desc="train", disable=not cfg.logging.progress, dynamic_ncols=True)
+        it = self.start_iteration
         try:
             for it in bar:
-                m = self.run_iteration(it)
+                try:
+                    m = self.run_iteration(it)
+                except FatalRoleError:
+                    self.checkpoint(it)  # the state after the last completed iteration
+                    raise
                 self.metrics.log(m)
                 records.append(m)
                 bar.set_postfix(reward=f"{m['reward/total']:.3f}", steps=f"{m['steps/mean']:.1f}")
@@ -216,6 +270,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            self.close()
         return records
 
 

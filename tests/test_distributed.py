@@ -1,0 +1,233 @@
+"""Ray layer: job submission, exact resume after SIGKILL, actor faults. Uses one local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_overrides
+from safetensors.torch import load_file
+
+from tpdm_rl.metrics import read_metrics
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+ITERS = 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A local Ray head on 127.0.0.1 (stopped at the end of the module)."""
+    port, dash = _free_port(), _free_port()
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throw-away head on loopback, for this test module only
+    env = dict(os.environ, RAY_ADDRESS="")
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=180)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _overrides(backbone_dir: str, **extra) -> list[str]:
+    base = {"distributed.enabled": True, "train.iterations": ITERS, "distributed.learner.num_ranks": 2,
+            "distributed.rollout.num_workers": 2}
+    base.update(extra)
+    return small_overrides(backbone_dir, **base)
+
+
+def _train_cmd(out: Path, overrides: list[str], *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "tpdm_rl.cli", "train", "--config", "configs/tiny.yaml", "--output", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd + list(extra)
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_head, tiny_backbone_dir, tmp_path_factory):
+    """The tiny training job submitted with `ray job submit`: 4 iterations straight."""
+    out = tmp_path_factory.mktemp("straight")
+    # the driver joins the head over loopback; the job runs in this checkout and environment
+    entry = ["env", f"RAY_ADDRESS={ray_head['address']}", *_train_cmd(out, _overrides(tiny_backbone_dir))]
+    ray_cli = [str(BIN / "ray"), "job"]
+    r = subprocess.run([*ray_cli, "submit", "--no-wait", "--address", ray_head["dashboard"], "--entrypoint-num-cpus",
+                        "0", "--", *entry], capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = re.search(r"(raysubmit_\w+)", r.stdout + r.stderr).group(1)
+    deadline, status = time.time() + 900, ""
+    while time.time() < deadline:
+        st = subprocess.run([*ray_cli, "status", "--address", ray_head["dashboard"], job_id], capture_output=True,
+                            text=True, timeout=60)
+        status = st.stdout + st.stderr
+        if any(w in status for w in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    logs = subprocess.run([*ray_cli, "logs", "--address", ray_head["dashboard"], job_id], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "succeeded" in status, status[-2000:] + logs[-4000:]
+    assert "run finished" in logs
+    return out
+
+
+def test_ray_job_submit_runs_the_tiny_job(straight_run):
+    recs = read_metrics(straight_run / "metrics.jsonl")
+    assert [r["iteration"] for r in recs] == list(range(ITERS))
+    for r in recs:
+        for k in ("reward/total", "reward/fidelity", "steps/mean", "loss/policy", "time/sync_s",
+                  "time/iteration_s", "throughput/images_per_s", "policy/version", "health/actor_restarts",
+                  "health/skipped_updates", "time/rollout_s", "time/learn_s"):
+            assert isinstance(r[k], (int, float)), k
+        assert r["rollout/trajectories"] == 8 and r["learner/ranks"] == 2
+    assert [r["policy/version"] for r in recs] == [1, 2, 3, 4]
+    assert recs[0]["policy/behaviour_logp_err"] < 1e-4
+    assert (straight_run / "checkpoints" / "latest").read_text().strip() == f"step_{ITERS}"
+
+
+def test_exact_resume_after_sigkill(ray_head, straight_run, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    proc = subprocess.Popen(_train_cmd(out, _overrides(tiny_backbone_dir)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if latest.is_file() and latest.read_text().strip() == "step_2":
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / f"step_{ITERS}").exists()
+    r = subprocess.run(_train_cmd(out, _overrides(tiny_backbone_dir), "--resume", "auto"), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    a, b = read_metrics(straight_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [x["iteration"] for x in b] == list(range(ITERS))
+    for k in ("reward/total", "steps/mean", "reward/fidelity", "loss/policy"):
+        assert [x[k] for x in a] == [x[k] for x in b], k
+    wa = load_file(str(straight_run / "checkpoints" / f"step_{ITERS}" / "tpm.safetensors"))
+    wb = load_file(str(out / "checkpoints" / f"step_{ITERS}" / "tpm.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_different_worker_counts(ray_head, straight_run, tiny_backbone_dir, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    ckpt = straight_run / "checkpoints" / f"step_{ITERS - 1}"
+    if not ckpt.exists():  # keep_last rotation: use whatever older checkpoint survived
+        ckpt = sorted(p for p in (straight_run / "checkpoints").glob("step_*") if p.name != f"step_{ITERS}")[-1]
+    start = int(ckpt.name.split("_")[1])
+    over = _overrides(tiny_backbone_dir, **{"distributed.rollout.num_workers": 1, "distributed.reward.num_workers": 2})
+    r = subprocess.run(_train_cmd(tmp_path / "resized", over, "--resume", str(ckpt)), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = {x["iteration"]: x for x in read_metrics(straight_run / "metrics.jsonl")}
+    b = read_metrics(tmp_path / "resized" / "metrics.jsonl")
+    assert [x["iteration"] for x in b] == list(range(start, ITERS))
+    for x in b:  # same trajectories (keyed randomness); only float rounding of other batch layouts differs
+        assert x["steps/mean"] == a[x["iteration"]]["steps/mean"]
+        assert x["reward/total"] == pytest.approx(a[x["iteration"]]["reward/total"], rel=1e-4)
+
+
+def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_head, straight_run, tiny_backbone_dir, tmp_path):
+    import ray
+
+    from tpdm_rl.config import load_config
+    from tpdm_rl.ray_trainer import RayTrainer
+
+    cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir))
+    tr = RayTrainer(cfg, output=tmp_path / "faulty", address=ray_head["address"])
+    killed = []
+
+    def kill_mid_iteration(trainer, it):
+        if it == 1 and not killed:
+            time.sleep(0.3)  # tasks are running
+            ray.kill(trainer.rollout_pool.actors[0], no_restart=True)
+            killed.append(it)
+
+    tr.on_dispatch = kill_mid_iteration
+    try:
+        tr.train()
+    finally:
+        ray.shutdown()
+    assert killed == [1]
+    got = read_metrics(tmp_path / "faulty" / "metrics.jsonl")
+    ref = read_metrics(straight_run / "metrics.jsonl")
+    assert got[-1]["health/actor_restarts"] >= 1
+    assert all(x["rollout/trajectories"] == 8 for x in got)
+    # every trajectory exactly once: the same rewards and steps as the run without a fault
+    for k in ("steps/mean", "steps/min", "steps/max", "reward/total"):
+        assert [x[k] for x in got] == [x[k] for x in ref], k
+    state = json.loads((tmp_path / "faulty" / "checkpoints" / f"step_{ITERS}" / "trainer_state.json").read_text())
+    assert state["actor_restarts"] >= 1
+
+
+def test_actor_that_keeps_dying_stops_the_run_with_a_checkpoint(ray_head, tiny_backbone_dir, tmp_path):
+    import ray
+
+    from tpdm_rl.config import load_config
+    from tpdm_rl.ray_trainer import RayTrainer
+    from tpdm_rl.trainer import FatalRoleError
+
+    cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir, **{"distributed.max_actor_restarts": 0,
+                                                                            "checkpoint.every": 5}))
+    tr = RayTrainer(cfg, output=tmp_path / "dying", address=ray_head["address"])
+
+    def kill(trainer, it):
+        if it == 1:
+            ray.kill(trainer.rollout_pool.actors[0], no_restart=True)
+
+    tr.on_dispatch = kill
+    try:
+        with pytest.raises(FatalRoleError, match="rollout worker 0 died 1 times"):
+            tr.train()
+    finally:
+        ray.shutdown()
+    # the state after the last completed iteration (1) was checkpointed although checkpoint.every is 5
+    assert (tmp_path / "dying" / "checkpoints" / "latest").read_text().strip() == "step_1"
+    assert len(read_metrics(tmp_path / "dying" / "metrics.jsonl")) == 1
+
+
+def test_reward_actor_pools_per_component(ray_head, tiny_backbone_dir, tmp_path):
+    import ray
+
+    from rewards import RewardError
+    from rewards.fixtures import make_all
+    from tpdm_rl.config import load_config
+    from tpdm_rl.ray_trainer import RayTrainer
+
+    fx = make_all(tmp_path / "fx")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("rewards:\n  hpsv2: {weight: 1.0, num_workers: 2}\n  aesthetic: {weight: 0.1}\n")
+    over = _overrides(tiny_backbone_dir, **{"train.iterations": 1, "distributed.learner.num_ranks": 1})
+    over += [f"rewards.{n}.{k}={v}" for n in ("hpsv2", "aesthetic") for k, v in fx[n].items()]
+    try:
+        tr = RayTrainer(load_config(cfg_file, over), output=tmp_path / "run", address=ray_head["address"])
+        assert [len(tr.reward_pools[n].actors) for n in ("hpsv2", "aesthetic")] == [2, 1]
+        tr.train()
+        rec = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+        assert {"reward/hpsv2", "reward/aesthetic", "reward/total", "time/reward_hpsv2_s"} <= set(rec)
+        bad = over + [f"rewards.hpsv2.checkpoint={tmp_path / 'missing.pt'}"]
+        with pytest.raises(RewardError, match="missing.pt"):
+            RayTrainer(load_config(cfg_file, bad), output=tmp_path / "run2", address=ray_head["address"])
+    finally:
+        ray.shutdown()

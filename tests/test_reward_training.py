@@ -1,0 +1,64 @@
+"""Issue 4 end to end: HPSv2 + aesthetic (tiny fixtures in the real formats) + step penalty."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import small_overrides
+
+from rewards import RewardError
+from rewards.fixtures import make_all
+from tpdm_rl.config import load_config
+from tpdm_rl.metrics import read_metrics
+from tpdm_rl.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return make_all(tmp_path_factory.mktemp("reward_fixtures"))
+
+
+def _reward_overrides(fx: dict) -> list[str]:
+    out = []
+    for name in ("hpsv2", "aesthetic"):
+        for k, v in fx[name].items():
+            out.append(f"rewards.{name}.{k}={v}")
+    return out + ["rewards.aesthetic.weight=0.1", "rewards.aesthetic.normalize=running", "step_penalty.coef=0.01"]
+
+
+def test_hpsv2_aesthetic_and_step_penalty_train_end_to_end(fixtures, tiny_backbone_dir, tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text("rewards:\n  hpsv2: {weight: 1.0}\n  aesthetic: {weight: 0.1}\n")
+    cfg = load_config(p, small_overrides(tiny_backbone_dir) + _reward_overrides(fixtures))
+    assert set(cfg.rewards) == {"hpsv2", "aesthetic"}
+    Trainer(cfg, output=tmp_path / "run").train()
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(recs) == 2
+    for r in recs:
+        for k in ("reward/hpsv2", "reward/aesthetic", "reward/total", "reward/step_penalty", "steps/mean"):
+            assert isinstance(r[k], float), k
+        assert -1.0 <= r["reward/hpsv2"] <= 1.0  # a cosine
+        # total = 1.0 * hpsv2 + 0.1 * running-normalised aesthetic - 0.01 * steps
+        assert r["reward/step_penalty"] == pytest.approx(0.01 * r["steps/mean"])
+    state = (tmp_path / "run" / "checkpoints" / "step_2" / "trainer_state.json").read_text()
+    assert '"aesthetic"' in state and '"count"' in state  # running normalisation statistics are checkpointed
+
+
+def test_missing_reward_checkpoint_fails_before_the_first_rollout(fixtures, tiny_backbone_dir, tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text("rewards:\n  hpsv2: {weight: 1.0}\n")
+    over = small_overrides(tiny_backbone_dir) + [f"rewards.hpsv2.model_name={fixtures['hpsv2']['model_name']}",
+                                                 f"rewards.hpsv2.checkpoint={tmp_path / 'nope' / 'HPS.pt'}"]
+    cfg = load_config(p, over)
+    with pytest.raises(RewardError, match="nope/HPS.pt"):
+        Trainer(cfg, output=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 100)
+    args = [sys.executable, "-m", "tpdm_rl.cli", "train", "--config", str(p), "--output", str(tmp_path / "run2")]
+    for o in over[:-1] + [f"rewards.hpsv2.checkpoint={corrupt}"]:
+        args += ["--set", o]
+    r = subprocess.run(args, capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert r.returncode == 1 and len(lines) == 1 and "corrupt.pt" in lines[0], r.stderr
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()

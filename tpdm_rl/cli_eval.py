@@ -1,0 +1,148 @@
+"""``tpdm-rl eval`` / ``sample`` / ``export``: evaluation, one-off sampling and TPM export.
+
+``register(subparsers)`` adds the three subcommands to the main parser (``tpdm_rl/cli.py``). Errors
+are one line on stderr with a non-zero exit code: the library raises CheckpointError, BackboneError,
+RewardError, PromptFileError or FileNotFoundError (mapped by ``cli.main``); a bad ``--methods``
+entry or a bad numeric option is reported here with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+EXIT_USAGE = 2
+
+
+def _usage_errors(func):
+    """Report MethodError / bad option values as one line with exit code 2 (no traceback)."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from rollout.baselines import MethodError
+
+        try:
+            return func(args)
+        except (MethodError, _OptionError) as exc:
+            print(f"tpdm-rl: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return wrapped
+
+
+class _OptionError(ValueError):
+    pass
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise _OptionError(f"{flag} {text!r}: expected comma-separated integers, e.g. 4,6,8,12,16,20,28") from None
+    if not vals or any(v < 1 for v in vals):
+        raise _OptionError(f"{flag} {text!r}: expected integers >= 1")
+    return vals
+
+
+@_usage_errors
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rollout.baselines import parse_methods
+
+    from .evaluate import evaluate
+
+    parse_methods(args.methods)  # fail before anything is loaded
+    pareto = _int_list(args.pareto_steps, "--pareto-steps")
+    for flag, v in (("--seeds", args.seeds), ("--batch-size", args.batch_size),
+                    ("--timing-repeats", args.timing_repeats)):
+        if v < 1:
+            raise _OptionError(f"{flag} must be >= 1, got {v}")
+    if args.limit is not None and args.limit < 1:
+        raise _OptionError(f"--limit must be >= 1, got {args.limit}")
+    t0 = time.perf_counter()
+    report = evaluate(args.checkpoint, args.output, prompts=args.prompts, methods=args.methods, rewards=args.rewards,
+                      seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
+                      batch_size=args.batch_size, device=args.device, grid_prompts=args.grid_prompts,
+                      progress=not args.no_progress, timing_repeats=args.timing_repeats)
+    from pathlib import Path
+
+    print((Path(args.output) / "results.md").read_text())
+    print(f"evaluated {report['num_images']} images x {len(report['methods'])} methods in "
+          f"{time.perf_counter() - t0:.1f} s; wrote {args.output}/results.json, results.md, schedules.png, "
+          "nfe_hist.png, pareto.png, grid.png")
+    return 0
+
+
+@_usage_errors
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rollout.pipeline import TPDMPipeline
+
+    if args.adaptive is not None and args.adaptive < 0:
+        raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
+    pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device)
+    res = args.size or pipe.resolution
+    out = pipe(args.prompt, seed=args.seed, height=res, width=res, adaptive_threshold=args.adaptive)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    out.pil()[0].save(args.output)
+    sig = out.sigmas[0]
+    print(f"steps: {int(out.steps[0])} (transformer calls: {int(out.nfe[0])})")
+    print("sigmas: " + " ".join(f"{float(s):.4f}" for s in sig))
+    print(f"wrote {args.output} ({res}x{res}, seed {out.seeds[0]})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .evaluate import export_tpm
+
+    out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval)
+    print(f"exported TPM to {out} (tpm.safetensors, tpdm_config.json, README.md)")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``eval``, ``sample`` and ``export`` to the ``tpdm-rl`` subcommands."""
+    from .evaluate import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
+
+    ck = "checkpoint folder, export folder, run folder or tpm.safetensors file"
+    e = subparsers.add_parser("eval", help="compare the TPM with fixed schedules and AdaptiveDiffusion")
+    e.add_argument("--checkpoint", required=True, help=ck)
+    e.add_argument("--prompts", default="builtin:eval", help=".txt/.jsonl file or builtin:eval (default)")
+    e.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated: fixed:N, adaptive:THRESHOLD[:MAX_SKIP], tpm, "
+                        f"tpm+adaptive:THRESHOLD[:MAX_SKIP] (default {DEFAULT_METHODS}); fixed:28 is always run "
+                        "as the reference")
+    e.add_argument("--rewards", default="fidelity",
+                   help="comma-separated reward names (options from the checkpoint's config.yaml); fidelity "
+                        "(PSNR vs fixed:28) is always reported")
+    e.add_argument("--output", required=True, help="folder for results.json/.md and the figures")
+    e.add_argument("--seeds", type=int, default=1, help="images per prompt (noise seed per (prompt, k))")
+    e.add_argument("--backbone", default=None, help="backbone path (default: the TPM's backbone_path)")
+    e.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    e.add_argument("--pareto-steps", default=",".join(map(str, DEFAULT_PARETO_STEPS)),
+                   help="fixed:N step counts drawn as the curve in pareto.png")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png")
+    e.add_argument("--timing-repeats", type=int, default=1,
+                   help="sample each method R times and report the fastest wall clock (damps machine noise)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    s = subparsers.add_parser("sample", help="generate one image with a trained TPM")
+    s.add_argument("--checkpoint", required=True, help=ck)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--output", required=True, help="image file (.png)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (as diffusers' Generator().manual_seed)")
+    s.add_argument("--backbone", default=None, help="backbone path (default: the TPM's backbone_path)")
+    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the trained resolution)")
+    s.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
+                   help="also skip transformer calls with AdaptiveDiffusion (tpm+adaptive)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    x = subparsers.add_parser("export", help="export a TPM for inference (weights, config, model card)")
+    x.add_argument("--checkpoint", required=True, help=ck)
+    x.add_argument("--output", required=True, help="export folder")
+    x.add_argument("--eval", default=None, metavar="DIR", help="tpdm-rl eval output to include in the model card")
+    x.set_defaults(func=cmd_export)
