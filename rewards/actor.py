@@ -17,12 +17,18 @@ class RewardActor:
         self.name = name
         self.model = build_reward(name, **options)
 
-    def score(self, images: dict) -> tuple[torch.Tensor, float]:
-        """``images``: the rollout actor's image pack; returns (scores [B], busy seconds)."""
+    def score_many(self, *packs: dict) -> tuple[list[torch.Tensor], float]:
+        """Score the images of several rollout tasks as ONE batch (requests that queued up while this
+        actor was busy arrive together); returns per-task scores and busy seconds."""
         t0 = time.perf_counter()
-        refs = images.get("references") if self.model.needs_reference else None
-        out = self.model.score(images["images"], images["prompts"], refs)
-        return out, time.perf_counter() - t0
+        sizes = [int(p["images"].shape[0]) for p in packs]
+        images = torch.cat([p["images"] for p in packs])
+        prompts = [s for p in packs for s in p["prompts"]]
+        refs = None
+        if self.model.needs_reference:
+            refs = torch.cat([p["references"] for p in packs])
+        out = self.model.score(images, prompts, refs)
+        return list(out.split(sizes)), time.perf_counter() - t0
 
     def ping(self) -> bool:
         return True

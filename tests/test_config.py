@@ -67,3 +67,18 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
     assert len(lines) == 1 and "rollout.group_sise" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_shipped_configs_validate():
+    for name in ("configs/tiny.yaml", "configs/tiny_rewards.yaml", "configs/sd3_medium.yaml"):
+        cfg = load_config(name)
+        assert cfg.rewards
+    sd3 = load_config("configs/sd3_medium.yaml")
+    assert sd3.distributed.enabled and sd3.backbone.resolution == 1024
+    assert set(sd3.rewards) == {"hpsv2", "aesthetic"} and sd3.step_penalty.mode == "additive"
+    assert sd3.reward_pool("hpsv2").num_gpus == 0.5
+
+
+def test_unknown_reward_option_names_the_key():
+    with pytest.raises(ConfigError, match=r"rewards\.hpsv2\.chekpoint: unknown option"):
+        load_config(None, ["rewards.hpsv2.chekpoint=/x.pt"])

@@ -62,3 +62,19 @@ def test_missing_reward_checkpoint_fails_before_the_first_rollout(fixtures, tiny
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
     assert r.returncode == 1 and len(lines) == 1 and "corrupt.pt" in lines[0], r.stderr
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+def test_reward_actor_scores_queued_requests_as_one_batch(fixtures):
+    import torch
+
+    from rewards.actor import RewardActor
+
+    actor = RewardActor("hpsv2", fixtures["hpsv2"])
+    g = torch.Generator().manual_seed(0)
+    packs = [{"images": torch.rand(n, 3, 64, 64, generator=g), "prompts": [f"p{i}" for i in range(n)],
+              "references": None} for n in (3, 5)]
+    together, _ = actor.score_many(*packs)
+    alone = [actor.score_many(p)[0][0] for p in packs]
+    assert [t.shape[0] for t in together] == [3, 5]
+    for t, a in zip(together, alone):
+        torch.testing.assert_close(t, a, rtol=1e-5, atol=1e-5)

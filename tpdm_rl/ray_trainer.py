@@ -308,10 +308,12 @@ class RayTrainer(Trainer):
         idle = deque(range(self.rollout_pool.size))
         running: dict = {}  # summary ref -> (task idx, slot, rows ref, images ref)
         results: dict[int, tuple] = {}
-        score_refs: dict = {}  # ref -> (component, task idx, slot)
+        score_refs: dict = {}  # ref -> (component, [task idx], slot)
+        waiting = {n: deque() for n in cfg.rewards}  # finished tasks not yet sent to this component
+        free = {n: deque(range(p.size)) for n, p in self.reward_pools.items()}
         scores: dict[tuple[str, int], torch.Tensor] = {}
         reward_busy = {n: 0.0 for n in cfg.rewards}
-        rr = {n: 0 for n in cfg.rewards}
+        reward_calls = {n: 0 for n in cfg.rewards}
         rollout_busy = 0.0
         t_rollout_end = None
 
@@ -322,12 +324,15 @@ class RayTrainer(Trainer):
                 s_ref, rows_ref, img_ref = actor.generate.options(num_returns=3).remote(tasks[ti])
                 running[s_ref] = (ti, slot, rows_ref, img_ref)
 
-        def dispatch_score(name: str, ti: int):
+        def dispatch_scores(name: str):
+            """Every idle reward actor takes ALL tasks waiting for it in one batched call."""
             pool = self.reward_pools[name]
-            slot = rr[name] % pool.size
-            rr[name] += 1
-            ref = pool.actors[slot].score.remote(results[ti][2])
-            score_refs[ref] = (name, ti, slot)
+            while waiting[name] and free[name]:
+                slot = free[name].popleft()
+                batch = list(waiting[name])
+                waiting[name].clear()
+                ref = pool.actors[slot].score_many.remote(*[results[ti][2] for ti in batch])  # refs resolved by Ray
+                score_refs[ref] = (name, batch, slot)
 
         dispatch_rollouts()
         if self.on_dispatch is not None:
@@ -352,20 +357,27 @@ class RayTrainer(Trainer):
                 idle.append(slot)
                 dispatch_rollouts()
                 for name in cfg.rewards:
-                    dispatch_score(name, ti)
+                    waiting[name].append(ti)
+                    dispatch_scores(name)
                 if not running and not queue:
                     t_rollout_end = time.perf_counter()
             else:
-                name, ti, slot = score_refs.pop(ref)
+                name, batch, slot = score_refs.pop(ref)
                 try:
-                    out, busy = ray.get(ref)
+                    outs, busy = ray.get(ref)
                 except _actor_error_types() as exc:
                     self.reward_pools[name].replace(slot, exc)
                     self.actor_restarts += 1
-                    dispatch_score(name, ti)
+                    waiting[name].extendleft(reversed(batch))
+                    free[name].append(slot)
+                    dispatch_scores(name)
                     continue
-                scores[(name, ti)] = out
+                for ti, out in zip(batch, outs):
+                    scores[(name, ti)] = out
                 reward_busy[name] += busy
+                reward_calls[name] += 1
+                free[name].append(slot)
+                dispatch_scores(name)
         t1 = t_rollout_end or time.perf_counter()
         t2 = time.perf_counter()
         order = sorted(results)
@@ -402,6 +414,7 @@ class RayTrainer(Trainer):
         })
         for name, busy in reward_busy.items():
             metrics[f"time/reward_{name}_s"] = busy
+            metrics[f"rewards/{name}_calls"] = reward_calls[name]
         metrics.setdefault("time/learn_s", 0.0)
         return metrics
 
