@@ -14,6 +14,10 @@ EXIT_FAIL = 1
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe (and its warning) on CPU machines
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import logging
     import warnings
 
@@ -104,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray cluster to join (implies distributed.enabled); default: RAY_ADDRESS or a local instance")
     tr.set_defaults(func=cmd_train)
     from .cli_eval import register
+    from .cli_sweep import register as register_sweep
 
     register(sub)
+    register_sweep(sub)
     return p
 
 
