@@ -189,3 +189,24 @@ def test_larger_step_penalty_gives_fewer_steps_and_a_report(killed_and_resumed_s
     # the report can be rebuilt from the folder alone
     r = subprocess.run(_cli("sweep-report", str(out), "--budget", "100"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "best trial" in r.stdout, r.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_distributed_trial_runs_its_actors_inside_the_trial(tiny_backbone_dir, tmp_path):
+    """A trial of a distributed config starts its rollout/reward/learner actors in its placement group."""
+    out = tmp_path / "sweep"
+    sets = small_overrides(tiny_backbone_dir, **{"distributed.enabled": True, "distributed.rollout.num_workers": 1,
+                                                 "distributed.learner.num_ranks": 1})
+    args = ["sweep", "--config", "configs/tiny.yaml", "--output", str(out), "--controller-cpus", "0.25",
+            "--grid", "step_penalty.coef=2.0"]
+    for s in sets:
+        args += ["--set", s]
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
+    r = subprocess.run(_cli(*args), capture_output=True, text=True, env=env, timeout=900)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    recs = [json.loads(ln) for ln in (out / "trials" / "step_penalty.coef=2.0" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["policy/version"] for m in recs] == [1, 2] and all(m["learner/ranks"] == 1 for m in recs)
+    plan = json.loads((out / "sweep_plan.json").read_text())
+    assert plan["trials"][0]["name"] == "step_penalty.coef=2.0"

@@ -45,7 +45,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
     if addr:  # a job's own runtime_env (working_dir, ...) is inherited as it is
         ray.init(address=addr, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": a new instance, never one recorded in /tmp/ray/ray_current_cluster by another user
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return True
 
 

@@ -366,21 +366,6 @@ def _trainable(config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _init_ray(address: str | None) -> bool:
-    """Join ``address`` / RAY_ADDRESS, or start a local instance sized to this machine. True if started."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    addr = address or os.environ.get("RAY_ADDRESS", "")
-    if addr:
-        ray.init(address=addr, log_to_driver=False)
-        return False
-    # address="local": never attach to some other cluster recorded in /tmp/ray/ray_current_cluster
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def _check_fits(trials: list[TrialSpec], bundles: dict[str, list[dict]], local: bool) -> None:
     import ray
 
@@ -491,7 +476,9 @@ def _run_tune(out: Path, pending: list[TrialSpec], plan: dict, bundles: dict, ma
     import logging
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our echo lines replace Tune's status output
-    started = _init_ray(address)
+    from .ray_trainer import init_ray
+
+    started = init_ray(address or "")
     try:
         _check_fits(pending, bundles, local=started)
         specs = [{"name": t.name, "dir": str(out / "trials" / t.name), "config": t.config,
