@@ -130,6 +130,44 @@ def test_exact_resume_after_sigkill(ray_head, straight_run, tiny_backbone_dir, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+_DIE_WHILE_CHECKPOINTING = """
+import os, signal, sys
+import tpdm_rl.checkpoint as ck
+real = ck.save_tpm
+def save_then_die(policy, path, extra_meta=None):
+    real(policy, path, extra_meta)
+    if (extra_meta or {}).get("iteration") == 2:  # half-written checkpoint step_2: tpm only, no state yet
+        os.kill(os.getpid(), signal.SIGKILL)
+ck.save_tpm = save_then_die
+from tpdm_rl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(ray_head, straight_run, tiny_backbone_dir,
+                                                                  tmp_path):
+    out = tmp_path / "killed_in_save"
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    cmd = _train_cmd(out, _overrides(tiny_backbone_dir))
+    r = subprocess.run([sys.executable, "-c", _DIE_WHILE_CHECKPOINTING, *cmd[3:]], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_1"
+    assert not (ckpts / "step_2").exists() and list(ckpts.glob(".step_2.tmp*"))  # the half-written one
+    r = subprocess.run(_train_cmd(out, _overrides(tiny_backbone_dir), "--resume", "auto"), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "step_1" in r.stderr
+    a, b = read_metrics(straight_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [x["iteration"] for x in b] == list(range(ITERS))
+    assert [x["reward/total"] for x in a] == [x["reward/total"] for x in b]
+    wa = load_file(str(straight_run / "checkpoints" / f"step_{ITERS}" / "tpm.safetensors"))
+    wb = load_file(str(out / "checkpoints" / f"step_{ITERS}" / "tpm.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not list(ckpts.glob(".step_*.tmp*"))  # leftovers of the killed writer are cleaned up
+
+
 def test_resume_with_different_worker_counts(ray_head, straight_run, tiny_backbone_dir, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
     ckpt = straight_run / "checkpoints" / f"step_{ITERS - 1}"

@@ -124,3 +124,23 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_backbone_dir):
     line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--set", "backbone.path=/no/such/dir",
                                 "--output", str(tmp_path / "r4")))
     assert "/no/such/dir" in line
+
+
+def test_truncated_or_foreign_checkpoint_is_a_one_line_error(tmp_path, tiny_backbone_dir):
+    over = [a for kv in small_overrides(tiny_backbone_dir, **{"train.iterations": 1}) for a in ("--set", kv)]
+    run = tmp_path / "run"
+    r = _cli("train", "--config", "configs/tiny.yaml", "--output", str(run), *over)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = run / "checkpoints" / "step_1"
+    optim = ck / "optimizer.pt"
+    good = optim.read_bytes()
+    optim.write_bytes(good[: len(good) // 2])  # torn write
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
+                                "--set", "train.iterations=2", "--resume", "auto"))
+    assert "optimizer.pt" in line and "corrupt" in line
+    # ZeRO-partitioned optimizer state (from a distributed learner group) cannot go into one process
+    torch.save({"zero": {"stage": 1, "world": 2, "ranks": [{}, {}]}}, optim)
+    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
+                                "--set", "train.iterations=2", "--resume", "auto"))
+    assert "ZeRO-1" in line and "2 learner ranks" in line and "step_1" in line
+    assert len(read_metrics(run / "metrics.jsonl")) == 1  # nothing lost

@@ -91,8 +91,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     name = f"step_{iteration}"
     final = ckpt_root / name
     tmp = ckpt_root / f".{name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in ckpt_root.glob(".step_*.tmp*"):  # half-written by a writer that was killed; never read
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
     if optimizer_state is not None:

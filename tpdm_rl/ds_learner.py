@@ -50,6 +50,7 @@ class DeepSpeedLearner(Learner):
         import deepspeed
 
         self.rank, self.world = rank, world
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         self.device = device
         self.clip_eps, self.epochs, self.minibatches = clip_eps, epochs, minibatches
         self.max_grad_norm, self.kl_coef, self.seed = max_grad_norm, kl_coef, seed
@@ -57,43 +58,105 @@ class DeepSpeedLearner(Learner):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, config=ds_config,
                                                                  model_parameters=policy.parameters())
         self.policy = self.engine.module
+        self.row_lo, self.total_rows = 0, 0
         self.reference = None
         if kl_coef > 0:
             import copy
 
             self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
 
-    def _minibatches(self, n: int, iteration: int, epoch: int) -> list[torch.Tensor]:
-        # every rank must run the same number of steps (each step is a collective)
-        parts = minibatch_indices(max(n, 1), self.minibatches, self.seed, iteration * 1000 + self.rank, epoch)
-        parts = [p[p < n] for p in parts]
-        while len(parts) < self.minibatches:
-            parts.append(torch.zeros(0, dtype=torch.int64))
-        return parts
+    def set_shard(self, row_lo: int, total_rows: int) -> None:
+        """This rank holds global rows ``[row_lo, row_lo + n)`` of a rollout batch of ``total_rows``."""
+        self.row_lo, self.total_rows = int(row_lo), int(total_rows)
 
-    def _apply(self, loss: torch.Tensor) -> torch.Tensor | None:
+    def _minibatches(self, n: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+        # the single-process learner's global minibatches, each cut down to this rank's rows: every rank
+        # runs the same number of steps (each step is a collective) and together they see the same rows
+        total = max(self.total_rows, self.row_lo + n, 1)
+        parts = minibatch_indices(total, self.minibatches, self.seed, iteration, epoch)
+        return [p[(p >= self.row_lo) & (p < self.row_lo + n)] - self.row_lo for p in parts]
+
+    def _apply(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         import torch.distributed as dist
 
-        ok = torch.tensor([1.0 if torch.isfinite(loss) else 0.0], device=self.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1:
+        # one collective: any rank non-finite? and the minibatch's valid steps over all ranks
+        local_valid = mask.float().sum()
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), local_valid]).to(self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        if flags[0].item() > 0:
             self.engine.zero_grad()
             return None
-        self.engine.backward(loss)
+        # ``loss`` is this rank's masked mean; DeepSpeed averages gradients over ranks. Rescaled, the
+        # averaged gradient is that of the masked mean over the whole minibatch, as in one process.
+        scale = local_valid.to(self.device) * self.world / flags[1].clamp_min(1.0)
+        self.engine.backward(loss * scale)
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
-            else torch.zeros((), device=self.device)
-        if not torch.isfinite(gnorm):  # gradients are already all-reduced: every rank sees the same value
+            else None
+        if gnorm is not None and not torch.isfinite(gnorm):  # already all-reduced: every rank agrees
             self.engine.zero_grad()
             return None
         self.engine.step()
+        if gnorm is None:  # ZeRO-2 keeps gradients in its partitions; DeepSpeed computed the global norm
+            gnorm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0))
         return gnorm
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        """Optimiser state that ``torch.load(weights_only=True)`` can read back.
+
+        ZeRO-0: the (replicated) torch optimiser state. ZeRO-1/2: this rank's partition, without the
+        Python objects DeepSpeed puts in it (loss scaler, enum, slice mappings), which are rebuilt on load.
+        """
+        sd = self.optimizer.state_dict()
+        if self.zero_stage == 0:
+            return {"optimizer": sd}
+        safe = {k: v for k, v in sd.items() if k not in _ZERO_OBJECT_KEYS}
+        return {"zero": {"stage": self.zero_stage, "world": self.world, "rank": self.rank, "state": safe}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "zero" not in state:
+            if self.zero_stage:
+                raise ValueError(f"the checkpoint holds ZeRO-0 optimizer state; this learner runs ZeRO-{self.zero_stage}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
+        ranks = state["zero"]["ranks"]
+        if state["zero"]["stage"] != self.zero_stage or len(ranks) != self.world:
+            raise ValueError(f"the checkpoint holds ZeRO-{state['zero']['stage']} optimizer state of {len(ranks)} "
+                             f"learner ranks; this group is ZeRO-{self.zero_stage} with {self.world}")
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        full = [dict(r, loss_scaler=self.optimizer.loss_scaler, zero_stage=ZeroStageEnum(self.zero_stage),
+                     param_slice_mappings=self.optimizer._param_slice_mappings) for r in ranks]
+        self.optimizer.load_state_dict(full, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+_ZERO_OBJECT_KEYS = ("loss_scaler", "zero_stage", "param_slice_mappings")
+
+
+def merge_rank_states(states: list[dict]) -> dict:
+    """The learner group's optimiser state for a checkpoint: rank 0's for ZeRO-0 (replicated), every
+    rank's partition for ZeRO-1/2 (loadable only by a group of the same size and stage)."""
+    if "zero" not in states[0]:
+        return states[0]
+    z = states[0]["zero"]
+    return {"zero": {"stage": z["stage"], "world": z["world"], "ranks": [s["zero"]["state"] for s in states]}}
+
+
+def check_resumable(state: dict | None, zero_stage: int, num_ranks: int) -> str | None:
+    """Why a checkpoint's optimiser state cannot go into this learner group (None when it can)."""
+    if state is None:
+        return None
+    if "zero" in state:
+        z = state["zero"]
+        if z["stage"] != zero_stage or len(z["ranks"]) != num_ranks:
+            return (f"its optimizer state is ZeRO-{z['stage']} partitioned over {len(z['ranks'])} learner ranks; "
+                    f"resume with distributed.learner.zero_stage={z['stage']} and "
+                    f"distributed.learner.num_ranks={len(z['ranks'])}")
+        return None
+    if zero_stage:
+        return (f"its optimizer state is unpartitioned (ZeRO-0); resume with distributed.learner.zero_stage=0 "
+                f"(got {zero_stage})")
+    return None
 
 
 class LearnerRank:
@@ -138,8 +201,9 @@ class LearnerRank:
             self.learner.load_state_dict(optimizer_state)
         return True
 
-    def update(self, pieces: list, iteration: int) -> dict:
-        """``pieces``: [(rows_ref, row_start, row_end, advantages [n_traj])] making up this rank's share."""
+    def update(self, pieces: list, iteration: int, row_lo: int = 0, total_rows: int = 0) -> dict:
+        """``pieces``: [(rows_ref, row_start, row_end, advantages [n_traj])] making up this rank's share,
+        global rows ``[row_lo, row_lo + n)`` of ``total_rows``."""
         import ray
 
         parts = []
@@ -152,6 +216,11 @@ class LearnerRank:
                                     advantage=adv[rows["traj"][sl]].float(), mask=rows["valid"][sl]))
         batch = LearnBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
                              ("features", "temb", "sigma", "action", "old_logp", "advantage", "mask")))
+        return self.update_batch(batch, iteration, row_lo, total_rows)
+
+    def update_batch(self, batch: LearnBatch, iteration: int, row_lo: int = 0, total_rows: int = 0) -> dict:
+        """PPO update on this rank's rows of the rollout batch (all ranks call it together)."""
+        self.learner.set_shard(row_lo, total_rows or len(batch))
         return self.learner.update(batch, iteration)
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -101,7 +101,7 @@ class Learner:
                 stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, self.clip_eps, kl, self.kl_coef, ent)
                 if epoch == 0 and count == 0:
                     first_clipfrac = float(stats.clipfrac)
-                gnorm = self._apply(stats.loss)
+                gnorm = self._apply(stats.loss, mb.mask)
                 if gnorm is None:
                     skipped += 1
                     continue
@@ -123,8 +123,10 @@ class Learner:
     def _minibatches(self, n: int, iteration: int, epoch: int) -> list[torch.Tensor]:
         return minibatch_indices(n, self.minibatches, self.seed, iteration, epoch)
 
-    def _apply(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Backward + clipped optimiser step; None (and no step) when loss or gradients are not finite."""
+    def _apply(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Backward + clipped optimiser step; None (and no step) when loss or gradients are not finite.
+
+        ``mask`` (the minibatch's valid steps) lets a sharded learner reweight its part of the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             return None

@@ -195,6 +195,12 @@ class RayTrainer(Trainer):
             self._check_spec(ckpt, policy)
             policy.load_state_dict(ckpt["policy"].state_dict())
             optim_state = ckpt["optimizer"]
+            from .ds_learner import check_resumable
+
+            why = check_resumable(optim_state, dcfg.learner.zero_stage, dcfg.learner.num_ranks)
+            if why:
+                self.close()
+                raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} cannot resume this learner group: {why}")
         self._policy = policy.eval()
         lg = dcfg.learner
         learner_cls = ray.remote(num_cpus=lg.num_cpus, num_gpus=lg.num_gpus, runtime_env=actor_env())(LearnerRank)
@@ -254,7 +260,11 @@ class RayTrainer(Trainer):
     def _optimizer_state(self) -> dict | None:
         import ray
 
-        return ray.get(self.learners[0].optimizer_state.remote())
+        from .ds_learner import merge_rank_states
+
+        if self.cfg.distributed.learner.zero_stage == 0:  # replicated: rank 0's copy is everyone's
+            return ray.get(self.learners[0].optimizer_state.remote())
+        return merge_rank_states(ray.get([a.optimizer_state.remote() for a in self.learners]))
 
     def _inference_meta(self) -> dict:
         return self._backbone_meta | {"backbone_path": self.backbone_path}
@@ -441,7 +451,7 @@ class RayTrainer(Trainer):
                     task = tasks[ti]
                     pieces.append((results[ti][1], a - offsets[ti], max(a, b) - offsets[ti],
                                    adv[task["lo"]:task["hi"]]))
-            calls.append(self.learners[r].update.remote(pieces, it))
+            calls.append(self.learners[r].update.remote(pieces, it, lo, total))
         outs = ray.get(calls)
         merged: dict = {}
         for k in outs[0]:

@@ -176,6 +176,11 @@ class Trainer:
                                max_grad_norm=cfg.algorithm.max_grad_norm, kl_coef=cfg.algorithm.kl_coef,
                                seed=cfg.seed, device=device)
         if ckpt is not None and ckpt["optimizer"] is not None:
+            if "zero" in ckpt["optimizer"]:
+                z = ckpt["optimizer"]["zero"]
+                raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} holds ZeRO-{z['stage']} optimizer state "
+                                      f"partitioned over {len(z['ranks'])} learner ranks; resume it with "
+                                      "distributed.enabled=true and the same distributed.learner settings")
             self.learner.load_state_dict(ckpt["optimizer"])
 
     def _optimizer_state(self) -> dict | None:
