@@ -97,7 +97,7 @@ class DeepSpeedLearner(Learner):
             self.engine.zero_grad()
             return None
         self.engine.step()
-        if gnorm is None:  # ZeRO-2 keeps gradients in its partitions; DeepSpeed computed the global norm
+        if gnorm is None:  # ZeRO-1/2 keep gradients in their partitions; DeepSpeed computed the global norm
             gnorm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0))
         return gnorm
 
@@ -114,19 +114,16 @@ class DeepSpeedLearner(Learner):
         return {"zero": {"stage": self.zero_stage, "world": self.world, "rank": self.rank, "state": safe}}
 
     def load_state_dict(self, state: dict) -> None:
+        why = check_resumable(state, self.zero_stage, self.world)
+        if why:
+            raise ValueError(f"the checkpoint cannot resume this learner group: {why}")
         if "zero" not in state:
-            if self.zero_stage:
-                raise ValueError(f"the checkpoint holds ZeRO-0 optimizer state; this learner runs ZeRO-{self.zero_stage}")
             self.optimizer.load_state_dict(state["optimizer"])
             return
-        ranks = state["zero"]["ranks"]
-        if state["zero"]["stage"] != self.zero_stage or len(ranks) != self.world:
-            raise ValueError(f"the checkpoint holds ZeRO-{state['zero']['stage']} optimizer state of {len(ranks)} "
-                             f"learner ranks; this group is ZeRO-{self.zero_stage} with {self.world}")
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
         full = [dict(r, loss_scaler=self.optimizer.loss_scaler, zero_stage=ZeroStageEnum(self.zero_stage),
-                     param_slice_mappings=self.optimizer._param_slice_mappings) for r in ranks]
+                     param_slice_mappings=self.optimizer._param_slice_mappings) for r in state["zero"]["ranks"]]
         self.optimizer.load_state_dict(full, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
