@@ -69,8 +69,7 @@ def time_batch_vs_single(reward, images: torch.Tensor, prompts: list[str], repea
 def real_size_hpsv2(batch: int, resolution: int, repeats: int) -> dict:
     """HPSv2 at full size (ViT-H-14, random weights saved like HPS_v2.1_compressed.pt) in bf16."""
     import open_clip
-
-    from rewards import build_reward
+    from tpdm_rl.rewards import build_reward
 
     folder = Path(tempfile.mkdtemp(prefix="hps_real_"))
     path = folder / "HPS_v2.1_compressed.pt"
@@ -102,8 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from rewards import build_reward
-    from rewards.fixtures import make_all
+    from tpdm_rl.rewards import build_reward
+    from tpdm_rl.rewards.fixtures import make_all
 
     tmp = tempfile.TemporaryDirectory(prefix="tiny_rewards_")
     opts = make_all(Path(tmp.name), seed=0)

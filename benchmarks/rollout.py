@@ -38,10 +38,12 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/rollout.json")
     args = ap.parse_args()
 
-    from rollout.backbone import Backbone
-    from rollout.engine import SamplingEngine, TPMSchedule
-    from rollout.rng import derive_key
-    from rollout.tiny_backbone import make_tiny_backbone
+    from tpdm_rl.rollout.backbone import Backbone
+    from tpdm_rl.rollout.engine import SamplingEngine
+    from tpdm_rl.rollout.rng import derive_key
+    from tpdm_rl.rollout.schedules import TPMSchedule
+    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
+
     from tpdm_rl.policy import TimePredictionModule, TPMSpec
 
     path = args.backbone or str(make_tiny_backbone(Path(tempfile.mkdtemp()) / "tiny", seed=0))

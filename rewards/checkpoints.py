@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .base import RewardError
+from .registry import RewardError
 
 
 def one_line(text: object) -> str:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import register_reward
 from .pickscore import HFCLIPReward
+from .registry import register_reward
 
 
 @register_reward("clip_score")

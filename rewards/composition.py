@@ -1,4 +1,4 @@
-"""A set of weighted reward components with per-component normalisation and the step penalty."""
+"""The controller's view of a run's reward components: weights and per-component normalisation."""
 
 from __future__ import annotations
 
@@ -6,26 +6,17 @@ import math
 
 import torch
 
-from .base import RewardError, RewardModel, build_reward
+from tpdm_rl.objective import RunningMeanStd, group_normalize
+
+from .registry import reward_class
 
 
 class RewardSet:
-    """Builds every configured component at start-up (so a bad checkpoint fails before the first
-    rollout) and turns images into raw component scores, normalised components and totals."""
+    """The controller's view of the reward: component weights and normalisation state (checkpointed)."""
 
-    def __init__(self, specs: dict, build: bool = True) -> None:
-        from tpdm_rl.objective import RunningMeanStd
-
+    def __init__(self, specs: dict) -> None:
         self.specs = specs
-        self.models: dict[str, RewardModel] = {}
         self.running = {name: RunningMeanStd() for name in specs}
-        if build:
-            for name, spec in specs.items():
-                opts = dict(spec.model_extra or {})
-                try:
-                    self.models[name] = build_reward(name, **opts)
-                except RewardError as exc:
-                    raise RewardError(f"rewards.{name}: {exc}") from None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -33,21 +24,11 @@ class RewardSet:
 
     @property
     def needs_reference(self) -> bool:
-        return any(m.needs_reference for m in self.models.values())
-
-    def score(self, images: torch.Tensor, prompts: list[str], references: torch.Tensor | None = None
-              ) -> dict[str, torch.Tensor]:
-        """Raw scores per component, float32 [B] each."""
-        out = {}
-        for name, model in self.models.items():
-            out[name] = model.score(images, prompts, references if model.needs_reference else None)
-        return out
+        return any(reward_class(n).needs_reference for n in self.specs)
 
     def normalize(self, raw: dict[str, torch.Tensor], group: torch.Tensor, update: bool = True
                   ) -> dict[str, torch.Tensor]:
         """Apply each component's normalisation (none / running mean-std / within-group z-score)."""
-        from tpdm_rl.objective import group_normalize
-
         out = {}
         for name, x in raw.items():
             mode = self.specs[name].normalize

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import RewardModel, register_reward
+from .base import RewardModel
+from .registry import register_reward
 
 
 def psnr(images: torch.Tensor, references: torch.Tensor, max_psnr: float = 100.0) -> torch.Tensor:

@@ -4,7 +4,7 @@ Each ``make_*`` function writes into a folder and returns the options ``build_re
 the tests go through exactly the loading code real weights go through. Everything is seeded,
 offline (tokenizers are built from in-memory vocabularies), small (< 2 MB a file) and fast.
 
-    from rewards.fixtures import make_all
+    from tpdm_rl.rewards.fixtures import make_all
     opts = make_all("/tmp/tiny_rewards")        # {"hpsv2": {...}, "aesthetic": {...}, ...}
     build_reward("hpsv2", device="cpu", **opts["hpsv2"])
 """

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from .aesthetic import load_reward_mlp
-from .base import RewardError, RewardModel, register_reward
+from .base import RewardModel
 from .checkpoints import load_exact, load_torch_state, one_line, resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from .registry import RewardError, register_reward
 
 IR_HUB_REPO = "THUDM/ImageReward"
 IR_MEAN = 0.16717362830052426

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .base import RewardError, RewardModel, register_reward
+from .base import RewardModel
 from .checkpoints import one_line, require_dir
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, clip_preprocess
+from .registry import RewardError, register_reward
 
 
 def _pooled(out) -> torch.Tensor:

@@ -1,14 +1,5 @@
-"""Frozen backbone wrapper, sampling engine, baseline samplers and the inference pipeline.
+"""Rollout: the frozen backbone, the sampling engine, baseline samplers, the inference pipeline.
 
-``import rollout`` stays light: ``TPDMPipeline`` / ``TPDMOutput`` are imported on first use.
+Installed as ``tpdm_rl.rollout``; import the modules you need, e.g.
+``from tpdm_rl.rollout.pipeline import TPDMPipeline``.
 """
-
-__all__ = ["TPDMOutput", "TPDMPipeline"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from . import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,17 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from tpdm_rl.utils import DTYPES, resolve_device
 
 
 class BackboneError(RuntimeError):
     """The backbone could not be loaded or used (one-line message naming the path / value)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import Backbone
-from .engine import FixedSchedule, SamplingEngine, TPMSchedule
+from .engine import SamplingEngine
+from .flow import euler_step, terminal
 from .rng import keyed_normal_noise
+from .schedules import FixedSchedule, TPMSchedule
 
 METHOD_FORMS = "fixed:N, adaptive:THRESHOLD[:MAX_SKIP], tpm, tpm+adaptive:THRESHOLD[:MAX_SKIP]"
 DEFAULT_THRESHOLD = 0.01
@@ -299,11 +301,10 @@ class BaselineSampler:
             nfe += call.to(torch.int64)
             skips = torch.where(skip, skips + 1, torch.zeros_like(skips))
             nxt = ratio * sigma if table is None else table[k + 1].expand(n)
-            below = (nxt < sigma_min) | (nxt <= 0)
-            done = active & (below | (k + 1 >= max_steps))
-            target = torch.where(done, torch.zeros_like(nxt), nxt)
+            done, _, target = terminal(nxt, sigma_min, torch.full((n,), k + 1 >= max_steps))
+            done &= active
             a_dev = active.to(dev)
-            x_new = x + (target - sigma).to(dev).reshape(-1, 1, 1, 1) * v
+            x_new = euler_step(x, v, sigma, target)
             dk = (x_new - x).abs().flatten(1).mean(1)
             d3 = torch.where(a_dev, d2, d3)
             d2 = torch.where(a_dev, d1, d2)

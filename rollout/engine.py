@@ -5,87 +5,22 @@ schedule decision, the Euler update, termination, bookkeeping) is vectorised ove
 continuous batching a trajectory that finishes leaves its slot at once and the next queued one joins,
 so no slot idles waiting for the slowest sample of the batch.
 
-Terminal step (the same for the TPM and every fixed schedule): when the proposed sigma_next falls
-below ``sigma_min`` (or is 0, or the step budget ``max_steps`` is reached), the trajectory finishes
-with the Euler step to sigma 0 from the current velocity, x0 = x - sigma * v. That step uses the
-velocity already computed, so NFE (transformer calls, CFG counted once) = number of steps.
+The Euler step and the terminal rule are ``rollout.flow``'s (shared with every baseline).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .backbone import Backbone
+from .flow import euler_step, terminal
 from .rng import keyed_normal_noise
+from .schedules import FixedSchedule, Schedule
 from .trajectory import Trajectories
 
-
-@dataclass
-class Proposal:
-    """A schedule's decision for a batch of active trajectories at their current step."""
-
-    sigma_next: torch.Tensor  # [B] proposed next sigma (before the terminal rule)
-    action: torch.Tensor  # [B] the action taken (ratio r for the TPM)
-    logp: torch.Tensor  # [B] behaviour log-prob of the action (0 for deterministic schedules)
-
-
-class Schedule:
-    """Decides sigma_next for each active trajectory. ``sigma_min``: finish below this sigma."""
-
-    sigma_min: float = 0.0
-    uses_features: bool = False
-
-    def propose(self, features: torch.Tensor, temb: torch.Tensor, sigma: torch.Tensor, step: torch.Tensor,
-                keys: torch.Tensor) -> Proposal:
-        raise NotImplementedError
-
-
-class FixedSchedule(Schedule):
-    """A fixed sigma table (e.g. the backbone's shifted flow-matching schedule), ending with 0."""
-
-    def __init__(self, sigmas: torch.Tensor) -> None:
-        self.sigmas = sigmas.float().cpu()
-        if self.sigmas[-1] != 0:
-            self.sigmas = torch.cat([self.sigmas, torch.zeros(1)])
-        self.num_steps = int(self.sigmas.numel() - 1)
-
-    def propose(self, features, temb, sigma, step, keys) -> Proposal:
-        nxt = self.sigmas.to(sigma.device)[(step + 1).clamp(max=self.num_steps)]
-        return Proposal(nxt, nxt / sigma.clamp_min(1e-12), torch.zeros_like(sigma))
-
-
-class TPMSchedule(Schedule):
-    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``) or the Beta mode (``mode='mode'``)."""
-
-    uses_features = True
-
-    def __init__(self, policy: torch.nn.Module, sigma_min: float, mode: str = "sample",
-                 feature_dtype: torch.dtype = torch.float32) -> None:
-        from tpdm_rl.policy import beta_log_prob, beta_mode, sample_ratio
-
-        if mode not in ("sample", "mode"):
-            raise ValueError(f"TPM schedule mode must be 'sample' or 'mode', got {mode!r}")
-        self.policy = policy
-        self.sigma_min = float(sigma_min)
-        self.mode = mode
-        self.feature_dtype = feature_dtype
-        self._log_prob, self._mode, self._sample = beta_log_prob, beta_mode, sample_ratio
-
-    @torch.no_grad()
-    def propose(self, features, temb, sigma, step, keys) -> Proposal:
-        # the policy sees exactly what is stored for the learner (features cast to the storage dtype)
-        dev = next(self.policy.parameters()).device
-        feats = features.to(self.feature_dtype).to(dev)
-        alpha, beta = self.policy(feats, temb.to(dev), sigma.to(dev))
-        if self.mode == "sample":
-            r = self._sample(alpha, beta, keys.to(dev), step.to(dev))
-        else:
-            r = self._mode(alpha, beta).float()
-        logp = self._log_prob(alpha, beta, r)
-        r, logp = r.to(sigma.device), logp.to(sigma.device)
-        return Proposal(r * sigma, r, logp)
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 class SamplingEngine:
@@ -159,12 +94,9 @@ class SamplingEngine:
             feats = out.features.to(self.feature_dtype) if schedule.uses_features else out.features
             prop = schedule.propose(feats, out.temb, sig[act], stp[act], sample_keys[traj])
             sigma_now = sig[act]
-            nxt = prop.sigma_next.float().cpu()
-            below = (nxt < schedule.sigma_min) | (nxt <= 0)
             at_budget = stp[act] + 1 >= max_steps
-            done = below | at_budget
-            target = torch.where(done, torch.zeros_like(nxt), nxt)
-            new_lat = lat[act.to(dev)] + (target - sigma_now).to(dev).reshape(-1, 1, 1, 1) * out.velocity
+            done, below, target = terminal(prop.sigma_next.float().cpu(), schedule.sigma_min, at_budget)
+            new_lat = euler_step(lat[act.to(dev)], out.velocity, sigma_now, target)
             rows["traj"].append(traj)
             rows["step"].append(stp[act].clone())
             rows["sigma"].append(sigma_now.clone())

@@ -20,7 +20,7 @@ TINY_CLIP_HIDDEN = 16  # two CLIPs concatenated = 32 = T5 d_model = joint_attent
 TINY_T5_MAX_LEN = 32
 
 
-def _bytes_to_unicode() -> list[str]:
+def byte_symbols() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE tokenizers (GPT-2/CLIP)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -37,7 +37,7 @@ def _bytes_to_unicode() -> list[str]:
 def _clip_tokenizer():
     from transformers import CLIPTokenizer
 
-    symbols = _bytes_to_unicode()
+    symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from tpdm_rl.messages import StepRows
+
 
 @dataclass
 class Trajectories:
@@ -40,6 +42,11 @@ class Trajectories:
     @property
     def num_rows(self) -> int:
         return int(self.traj.shape[0])
+
+    def step_rows(self) -> StepRows:
+        """The learner's rows (features stay in their storage dtype)."""
+        return StepRows(traj=self.traj, step=self.step, sigma=self.sigma, action=self.action, logp=self.logp,
+                        valid=self.valid, features=self.features, temb=self.temb)
 
     def sigmas_of(self, i: int) -> torch.Tensor:
         """The sigma sequence of trajectory ``i``, from its first sigma down to 0."""

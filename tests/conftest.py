@@ -22,14 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
-    from rollout.tiny_backbone import make_tiny_backbone
+    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
 
     return str(make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"), seed=0, sample_size=128))
 
 
 @pytest.fixture(scope="session")
 def backbone(tiny_backbone_dir):
-    from rollout.backbone import Backbone
+    from tpdm_rl.rollout.backbone import Backbone
 
     return Backbone(tiny_backbone_dir, device="cpu", feature_blocks=(0, -1), feature_grid=4, max_sequence_length=32)
 

@@ -4,9 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from rollout.backbone import Backbone, BackboneError
-from rollout.tiny_backbone import make_tiny_backbone
+from tpdm_rl.rollout.backbone import Backbone, BackboneError
+from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
 
 
 def test_tiny_backbone_is_a_diffusers_sd3_folder_and_seeded(tmp_path, tiny_backbone_dir):

@@ -16,7 +16,7 @@ import torch
 from conftest import small_overrides
 from safetensors.torch import load_file
 
-from tpdm_rl.metrics import read_metrics
+from tpdm_rl.utils import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -190,19 +190,20 @@ def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_head, straigh
     import ray
 
     from tpdm_rl.config import load_config
-    from tpdm_rl.ray_trainer import RayTrainer
+    from tpdm_rl.controller import Controller
 
     cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir))
-    tr = RayTrainer(cfg, output=tmp_path / "faulty", address=ray_head["address"])
-    killed = []
+    tr = Controller(cfg, output=tmp_path / "faulty", address=ray_head["address"])
+    killed, calls = [], []
 
-    def kill_mid_iteration(trainer, it):
-        if it == 1 and not killed:
+    def kill_mid_iteration(executor):
+        calls.append(1)
+        if len(calls) == 2 and not killed:  # iteration 1
             time.sleep(0.3)  # tasks are running
-            ray.kill(trainer.rollout_pool.actors[0], no_restart=True)
-            killed.append(it)
+            ray.kill(executor.rollout_pool.actors[0], no_restart=True)
+            killed.append(1)
 
-    tr.on_dispatch = kill_mid_iteration
+    tr.executor.on_dispatch = kill_mid_iteration
     try:
         tr.train()
     finally:
@@ -223,18 +224,20 @@ def test_actor_that_keeps_dying_stops_the_run_with_a_checkpoint(ray_head, tiny_b
     import ray
 
     from tpdm_rl.config import load_config
-    from tpdm_rl.ray_trainer import RayTrainer
-    from tpdm_rl.trainer import FatalRoleError
+    from tpdm_rl.controller import Controller
+    from tpdm_rl.executors.base import FatalRoleError
 
     cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir, **{"distributed.max_actor_restarts": 0,
                                                                             "checkpoint.every": 5}))
-    tr = RayTrainer(cfg, output=tmp_path / "dying", address=ray_head["address"])
+    tr = Controller(cfg, output=tmp_path / "dying", address=ray_head["address"])
+    calls = []
 
-    def kill(trainer, it):
-        if it == 1:
-            ray.kill(trainer.rollout_pool.actors[0], no_restart=True)
+    def kill(executor):
+        calls.append(1)
+        if len(calls) == 2:  # iteration 1
+            ray.kill(executor.rollout_pool.actors[0], no_restart=True)
 
-    tr.on_dispatch = kill
+    tr.executor.on_dispatch = kill
     try:
         with pytest.raises(FatalRoleError, match="rollout worker 0 died 1 times"):
             tr.train()
@@ -247,11 +250,11 @@ def test_actor_that_keeps_dying_stops_the_run_with_a_checkpoint(ray_head, tiny_b
 
 def test_reward_actor_pools_per_component(ray_head, tiny_backbone_dir, tmp_path):
     import ray
+    from tpdm_rl.rewards import RewardError
+    from tpdm_rl.rewards.fixtures import make_all
 
-    from rewards import RewardError
-    from rewards.fixtures import make_all
     from tpdm_rl.config import load_config
-    from tpdm_rl.ray_trainer import RayTrainer
+    from tpdm_rl.controller import Controller
 
     fx = make_all(tmp_path / "fx")
     cfg_file = tmp_path / "cfg.yaml"
@@ -259,13 +262,13 @@ def test_reward_actor_pools_per_component(ray_head, tiny_backbone_dir, tmp_path)
     over = _overrides(tiny_backbone_dir, **{"train.iterations": 1, "distributed.learner.num_ranks": 1})
     over += [f"rewards.{n}.{k}={v}" for n in ("hpsv2", "aesthetic") for k, v in fx[n].items()]
     try:
-        tr = RayTrainer(load_config(cfg_file, over), output=tmp_path / "run", address=ray_head["address"])
-        assert [len(tr.reward_pools[n].actors) for n in ("hpsv2", "aesthetic")] == [2, 1]
+        tr = Controller(load_config(cfg_file, over), output=tmp_path / "run", address=ray_head["address"])
+        assert [len(tr.executor.reward_pools[n].actors) for n in ("hpsv2", "aesthetic")] == [2, 1]
         tr.train()
         rec = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
         assert {"reward/hpsv2", "reward/aesthetic", "reward/total", "time/reward_hpsv2_s"} <= set(rec)
         bad = over + [f"rewards.hpsv2.checkpoint={tmp_path / 'missing.pt'}"]
         with pytest.raises(RewardError, match="missing.pt"):
-            RayTrainer(load_config(cfg_file, bad), output=tmp_path / "run2", address=ray_head["address"])
+            Controller(load_config(cfg_file, bad), output=tmp_path / "run2", address=ray_head["address"])
     finally:
         ray.shutdown()

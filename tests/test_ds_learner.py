@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tpdm_rl.config import load_config
-from tpdm_rl.learner import LearnBatch, Learner
+from tpdm_rl.learner import Learner
+from tpdm_rl.messages import LearnBatch
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 
 pytestmark = pytest.mark.slow
@@ -97,9 +98,7 @@ def _single_process(iterations: list[int]) -> dict[str, torch.Tensor]:
     cfg = _config(0, 1)
     policy = TimePredictionModule(SPEC)
     policy.load_state_dict(_initial_weights())
-    o, a = cfg.optim, cfg.algorithm
-    learner = Learner(policy, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, clip_eps=a.clip_eps,
-                      epochs=a.epochs, minibatches=a.minibatches, max_grad_norm=a.max_grad_norm, seed=cfg.seed)
+    learner = Learner(policy, cfg.optim, cfg.algorithm, cfg.seed)
     for it in iterations:
         learner.update(_batch(), it)
     return {k: v.detach().clone() for k, v in learner.policy.state_dict().items()}

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from tpdm_rl.rollout.engine import SamplingEngine
+from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rollout.schedules import FixedSchedule, TPMSchedule
 
-from rollout.engine import FixedSchedule, SamplingEngine, TPMSchedule
-from rollout.rng import derive_key
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 
 
@@ -88,7 +89,7 @@ def test_max_steps_forces_the_last_step_and_masks_it(backbone, varied_tpm):
 
 
 def test_fixed_schedule_reproduces_diffusers_pipeline(backbone):
-    from rollout.rng import keyed_normal_noise
+    from tpdm_rl.rollout.rng import keyed_normal_noise
 
     eng = SamplingEngine(backbone, 64, 64, batch_size=2)
     ref = eng.run_fixed(["a red apple on a table", "a dog"], [3, 4], 8)

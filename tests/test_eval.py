@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_overrides
-
-from rollout.baselines import (
+from tpdm_rl.rollout.baselines import (
     BaselineSampler,
     Method,
     MethodError,
@@ -17,7 +16,8 @@ from rollout.baselines import (
     parse_method,
     parse_methods,
 )
-from rollout.rng import derive_key
+from tpdm_rl.rollout.rng import derive_key
+
 from tpdm_rl.checkpoint import CheckpointError, save_tpm
 from tpdm_rl.cli import main
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
@@ -146,11 +146,11 @@ def test_tpm_adaptive_without_skips_is_the_tpm(backbone):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
     from tpdm_rl.config import load_config
-    from tpdm_rl.trainer import Trainer
+    from tpdm_rl.controller import Controller
 
     out = tmp_path_factory.mktemp("evalrun")
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir))
-    Trainer(cfg, output=out).train()
+    Controller(cfg, output=out).train()
     return out / "checkpoints" / "step_2"
 
 
@@ -184,7 +184,7 @@ def test_eval_end_to_end_writes_every_file(trained, tmp_path, capsys):
 
 
 def test_sample_export_and_pipeline_round_trip(trained, tmp_path, capsys):
-    from rollout import TPDMPipeline
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
 
     png = tmp_path / "apple.png"
     assert main(["sample", "--checkpoint", str(trained), "--prompt", PROMPTS[0], "--output", str(png),
@@ -219,7 +219,7 @@ def test_sample_export_and_pipeline_round_trip(trained, tmp_path, capsys):
 
 
 def test_mismatched_tpm_is_a_clear_error(backbone, trained, tmp_path, capsys):
-    from rollout import TPDMPipeline
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
 
     # the session backbone pools features to a 4x4 grid; this TPM was made for 8x8
     spec = TPMSpec(in_channels=backbone.feature_channels, temb_dim=backbone.temb_dim, grid=8, hidden=16)
@@ -244,7 +244,7 @@ def test_mismatched_tpm_is_a_clear_error(backbone, trained, tmp_path, capsys):
 
 def test_import_rollout_stays_light():
     code = ("import sys, rollout; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules; "
-            "from rollout import TPDMPipeline; print(TPDMPipeline.__name__)")
+            "from tpdm_rl.rollout.pipeline import TPDMPipeline; print(TPDMPipeline.__name__)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "TPDMPipeline"

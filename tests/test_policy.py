@@ -1,8 +1,8 @@
 import math
 
 import torch
+from tpdm_rl.rollout.rng import counter_beta, counter_normal, counter_uniform, derive_key
 
-from rollout.rng import counter_beta, counter_normal, counter_uniform, derive_key
 from tpdm_rl.policy import TimePredictionModule, TPMSpec, beta_log_prob, beta_mode
 
 

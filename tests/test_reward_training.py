@@ -5,12 +5,12 @@ import sys
 
 import pytest
 from conftest import small_overrides
+from tpdm_rl.rewards import RewardError
+from tpdm_rl.rewards.fixtures import make_all
 
-from rewards import RewardError
-from rewards.fixtures import make_all
 from tpdm_rl.config import load_config
-from tpdm_rl.metrics import read_metrics
-from tpdm_rl.trainer import Trainer
+from tpdm_rl.controller import Controller
+from tpdm_rl.utils import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_hpsv2_aesthetic_and_step_penalty_train_end_to_end(fixtures, tiny_backbo
     p.write_text("rewards:\n  hpsv2: {weight: 1.0}\n  aesthetic: {weight: 0.1}\n")
     cfg = load_config(p, small_overrides(tiny_backbone_dir) + _reward_overrides(fixtures))
     assert set(cfg.rewards) == {"hpsv2", "aesthetic"}
-    Trainer(cfg, output=tmp_path / "run").train()
+    Controller(cfg, output=tmp_path / "run").train()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(recs) == 2
     for r in recs:
@@ -51,7 +51,7 @@ def test_missing_reward_checkpoint_fails_before_the_first_rollout(fixtures, tiny
                                                  f"rewards.hpsv2.checkpoint={tmp_path / 'nope' / 'HPS.pt'}"]
     cfg = load_config(p, over)
     with pytest.raises(RewardError, match="nope/HPS.pt"):
-        Trainer(cfg, output=tmp_path / "run")
+        Controller(cfg, output=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00not a checkpoint" * 100)
@@ -66,15 +66,15 @@ def test_missing_reward_checkpoint_fails_before_the_first_rollout(fixtures, tiny
 
 def test_reward_actor_scores_queued_requests_as_one_batch(fixtures):
     import torch
+    from tpdm_rl.rewards.worker import RewardWorker
 
-    from rewards.actor import RewardActor
+    from tpdm_rl.messages import ImageBatch
 
-    actor = RewardActor("hpsv2", fixtures["hpsv2"])
+    actor = RewardWorker("hpsv2", fixtures["hpsv2"])
     g = torch.Generator().manual_seed(0)
-    packs = [{"images": torch.rand(n, 3, 64, 64, generator=g), "prompts": [f"p{i}" for i in range(n)],
-              "references": None} for n in (3, 5)]
-    together, _ = actor.score_many(*packs)
-    alone = [actor.score_many(p)[0][0] for p in packs]
+    packs = [ImageBatch(torch.rand(n, 3, 64, 64, generator=g), [f"p{i}" for i in range(n)]) for n in (3, 5)]
+    together = actor.score_many(*packs).scores
+    alone = [actor.score_many(p).scores[0] for p in packs]
     assert [t.shape[0] for t in together] == [3, 5]
     for t, a in zip(together, alone):
         torch.testing.assert_close(t, a, rtol=1e-5, atol=1e-5)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from rewards import RewardError, build_reward, reward_options
-from rewards.fixtures import make_all, register_tiny_open_clip
+from tpdm_rl.rewards import RewardError, build_reward, reward_options
+from tpdm_rl.rewards.fixtures import make_all, register_tiny_open_clip
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -319,7 +318,7 @@ def test_hpsv2_without_checkpoint_offline_names_hub_file(monkeypatch) -> None:
 
 
 def test_wrong_model_for_checkpoint_fails_loudly(tiny, tmp_path) -> None:
-    from rewards.fixtures import TINY_OPEN_CLIP_CONFIG
+    from tpdm_rl.rewards.fixtures import TINY_OPEN_CLIP_CONFIG
 
     cfg = json.loads(json.dumps(TINY_OPEN_CLIP_CONFIG))
     cfg["vision_cfg"]["layers"] = 3
@@ -358,8 +357,7 @@ def test_wrong_image_shape(models, name) -> None:
 
 def test_preprocess_matches_torchvision() -> None:
     import torchvision.transforms.functional as TF
-
-    from rewards.preprocess import center_crop, clip_preprocess, resized_size
+    from tpdm_rl.rewards.preprocess import center_crop, clip_preprocess, resized_size
 
     for h, w in ((48, 40), (40, 48), (33, 97), (32, 32), (500, 224)):
         x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
@@ -372,8 +370,7 @@ def test_preprocess_matches_torchvision() -> None:
 
 def test_load_torch_state_formats(tmp_path) -> None:
     from safetensors.torch import save_file
-
-    from rewards.checkpoints import load_torch_state, require_file
+    from tpdm_rl.rewards.checkpoints import load_torch_state, require_file
 
     t = {"a.weight": torch.ones(2, 2), "b": torch.zeros(3)}
     torch.save({"state_dict": {"module." + k: v for k, v in t.items()}}, tmp_path / "wrapped.pt")

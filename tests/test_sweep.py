@@ -15,16 +15,9 @@ import pytest
 from conftest import small_overrides
 
 from tpdm_rl.config import load_config
-from tpdm_rl.sweep import (
-    SweepError,
-    best_under_budget,
-    expand_trials,
-    pareto_front,
-    parse_grid,
-    parse_random,
-    plan_sweep,
-    trial_bundles,
-)
+from tpdm_rl.resources import trial_bundles
+from tpdm_rl.sweep.plan import SweepError, expand_trials, parse_grid, parse_random, plan_sweep
+from tpdm_rl.sweep.report import best_under_budget, pareto_front
 
 SWEEP_ITERS = 12
 FID_WEIGHTS = ("0.5", "1.0")

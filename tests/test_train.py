@@ -7,9 +7,10 @@ from conftest import small_overrides
 from safetensors.torch import load_file
 
 from tpdm_rl.config import load_config
+from tpdm_rl.controller import Controller, plan_iteration
 from tpdm_rl.learner import policy_terms
-from tpdm_rl.metrics import read_metrics
-from tpdm_rl.trainer import Trainer, learn_batch, plan_iteration
+from tpdm_rl.messages import LearnBatch
+from tpdm_rl.utils import read_metrics
 
 CORE_KEYS = ["iteration", "reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy",
              "policy/clipfrac", "policy/approx_kl", "time/rollout_s", "time/reward_s", "time/learn_s"]
@@ -17,7 +18,7 @@ CORE_KEYS = ["iteration", "reward/total", "reward/fidelity", "steps/mean", "step
 
 def _trainer(tmp_path, tiny_backbone_dir, name="run", resume=None, **extra):
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **extra))
-    return Trainer(cfg, output=tmp_path / name, resume=resume)
+    return Controller(cfg, output=tmp_path / name, resume=resume)
 
 
 def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path, tiny_backbone_dir):
@@ -41,8 +42,9 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path, tiny_back
 def test_first_epoch_ratio_is_one(tmp_path, tiny_backbone_dir):
     tr = _trainer(tmp_path, tiny_backbone_dir)
     plan = plan_iteration(tr.cfg, tr.sampler, tr.prompts, 0)
-    trajs = tr.worker.generate(tr.policy, plan.prompts, plan.noise_seeds, plan.sample_keys)
-    batch = learn_batch(trajs, torch.ones(trajs.num_trajectories))
+    trajs = tr.executor.worker.generate(plan.prompts, plan.noise_seeds, plan.sample_keys)
+    rows = trajs.step_rows()
+    batch = LearnBatch.from_rows([(rows, 0, len(rows), torch.ones(trajs.num_trajectories))]).to(torch.device("cpu"))
     with torch.no_grad():
         logp = policy_terms(tr.policy, batch)[0]
     torch.testing.assert_close(logp, trajs.logp, rtol=0, atol=1e-5)
@@ -72,19 +74,20 @@ def test_same_seed_gives_identical_runs_and_resume_is_exact(tmp_path, tiny_backb
 
 def test_nan_reward_skips_the_update_and_continues(tmp_path, tiny_backbone_dir):
     tr = _trainer(tmp_path, tiny_backbone_dir, **{"train.iterations": 2})
-    orig = tr.rewards.score
+    fidelity = tr.executor.reward_workers["fidelity"]
+    orig = fidelity.model.score_details
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
 
     def nan_first(images, prompts, references=None):
-        out = orig(images, prompts, references)
-        out["fidelity"][1] = float("nan")
-        return out
+        scores, extra = orig(images, prompts, references)
+        scores[1] = float("nan")
+        return scores, extra
 
-    tr.rewards.score = nan_first
+    fidelity.model.score_details = nan_first
     m0 = tr.run_iteration(0)
     assert m0["health/skipped_updates"] == 1 and m0["health/nonfinite_reward"].startswith("fidelity=nan")
     assert all(torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
-    tr.rewards.score = orig
+    fidelity.model.score_details = orig
     m1 = tr.run_iteration(1)
     assert m1["health/skipped_updates"] == 1
     assert any(not torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())

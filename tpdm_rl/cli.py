@@ -42,7 +42,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
-    from rollout.tiny_backbone import make_tiny_backbone
+    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
 
     out = make_tiny_backbone(args.dir, seed=args.seed, sample_size=args.size)
     print(f"tiny SD3 backbone written to {out} (seed {args.seed}, {args.size} px)")
@@ -52,7 +52,7 @@ def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
 def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
     import yaml
 
-    from rewards.fixtures import make_all
+    from tpdm_rl.rewards.fixtures import make_all
 
     opts = make_all(args.dir, seed=args.seed)
     print(f"tiny random reward models (real file formats) written to {args.dir}; use them as:")
@@ -62,7 +62,7 @@ def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .trainer import Trainer, write_summary
+    from .controller import Controller, write_summary
 
     cfg = load_config(args.config, args.set)
     output = Path(args.output or cfg.output)
@@ -70,15 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"output": str(output)})
     if args.address:
         cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"enabled": True})})
-    if cfg.distributed.enabled:
-        from .ray_trainer import RayTrainer
-
-        trainer = RayTrainer(cfg, output=output, resume=args.resume, address=args.address)
-    else:
-        trainer = Trainer(cfg, output=output, resume=args.resume)
-    if trainer.resumed_from is not None:
-        print(f"resuming from {trainer.resumed_from} (iteration {trainer.start_iteration})", file=sys.stderr)
-    trainer.train()
+    controller = Controller(cfg, output=output, resume=args.resume, address=args.address)
+    if controller.resumed_from is not None:
+        print(f"resuming from {controller.resumed_from} (iteration {controller.start_iteration})", file=sys.stderr)
+    controller.train()
     print(f"\nrun finished: {output} (metrics.jsonl, tb/, checkpoints/)")
     print(write_summary(output))
     return 0
@@ -119,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    from rewards.base import RewardError
-    from rollout.backbone import BackboneError
+    from tpdm_rl.rewards.registry import RewardError
+    from tpdm_rl.rollout.backbone import BackboneError
 
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .executors.base import FatalRoleError
     from .prompts import PromptFileError
-    from .trainer import FatalRoleError
 
     try:
         return int(args.func(args) or 0)

@@ -19,7 +19,7 @@ def _usage_errors(func):
     """Report MethodError / bad option values as one line with exit code 2 (no traceback)."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from rollout.baselines import MethodError
+        from tpdm_rl.rollout.baselines import MethodError
 
         try:
             return func(args)
@@ -46,9 +46,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rollout.baselines import parse_methods
+    from tpdm_rl.rollout.baselines import parse_methods
 
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     parse_methods(args.methods)  # fail before anything is loaded
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rollout.pipeline import TPDMPipeline
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
 
     if args.adaptive is not None and args.adaptive < 0:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
@@ -93,7 +93,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .evaluate import export_tpm
+    from .evaluation import export_tpm
 
     out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval)
     print(f"exported TPM to {out} (tpm.safetensors, tpdm_config.json, README.md)")
@@ -102,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``eval``, ``sample`` and ``export`` to the ``tpdm-rl`` subcommands."""
-    from .evaluate import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
+    from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
 
     ck = "checkpoint folder, export folder, run folder or tpm.safetensors file"
     e = subparsers.add_parser("eval", help="compare the TPM with fixed schedules and AdaptiveDiffusion")

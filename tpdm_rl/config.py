@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tpdm_rl.rewards.registry import RewardError, reward_class, reward_options
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message is one line and names the key path."""
@@ -152,6 +154,7 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     iterations: int = Field(30, ge=1)
     device: str = "auto"
+    threads: int = Field(0, ge=0, description="torch threads in the controller process (0: the CPUs available)")
 
 
 class CheckpointConfig(_Strict):
@@ -185,8 +188,6 @@ class Config(_Strict):
     def _cross_checks(self) -> Config:
         if not self.rewards:
             raise ValueError("rewards: at least one reward component is needed")
-        from rewards import RewardError, reward_class, reward_options
-
         for name, spec in self.rewards.items():
             try:
                 reward_class(name)

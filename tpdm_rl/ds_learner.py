@@ -16,8 +16,10 @@ import socket
 
 import torch
 
-from .learner import LearnBatch, Learner, minibatch_indices
-from .policy import TimePredictionModule, TPMSpec
+from .config import AlgorithmConfig, Config, LearnerGroupConfig, OptimConfig
+from .learner import Learner, minibatch_indices
+from .messages import LearnBatch, StepRows
+from .policy import TimePredictionModule, TPMSpec, build_policy
 
 
 def free_port() -> int:
@@ -26,16 +28,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ds_config(lr: float, betas, eps: float, weight_decay: float, max_grad_norm: float, zero_stage: int,
-               world: int, optimizer: str) -> dict:
+def ds_config(optim: OptimConfig, algorithm: AlgorithmConfig, group: LearnerGroupConfig, world: int) -> dict:
+    """The DeepSpeed config of the learner group (the same optimiser as the single-process learner)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world,
-        "gradient_clipping": max_grad_norm,
-        "optimizer": {"type": optimizer, "params": {"lr": lr, "betas": list(betas), "eps": eps,
-                                                     "weight_decay": weight_decay, "torch_adam": True}},
-        "zero_optimization": {"stage": zero_stage},
+        "gradient_clipping": algorithm.max_grad_norm,
+        "optimizer": {"type": group.optimizer, "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                                                           "weight_decay": optim.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": group.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -44,26 +46,22 @@ def _ds_config(lr: float, betas, eps: float, weight_decay: float, max_grad_norm:
 class DeepSpeedLearner(Learner):
     """``Learner`` whose backward/step go through a DeepSpeed engine (gradients all-reduced)."""
 
-    def __init__(self, policy: TimePredictionModule, rank: int, world: int, ds_config: dict, clip_eps: float,
-                 epochs: int, minibatches: int, max_grad_norm: float, kl_coef: float, seed: int,
-                 device: torch.device) -> None:
-        import deepspeed
-
+    def __init__(self, policy: TimePredictionModule, rank: int, world: int, config: dict,
+                 algorithm: AlgorithmConfig, seed: int, device: torch.device,
+                 reference: TimePredictionModule | None = None) -> None:
         self.rank, self.world = rank, world
-        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
-        self.device = device
-        self.clip_eps, self.epochs, self.minibatches = clip_eps, epochs, minibatches
-        self.max_grad_norm, self.kl_coef, self.seed = max_grad_norm, kl_coef, seed
-        policy = policy.to(device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, config=ds_config,
-                                                                 model_parameters=policy.parameters())
-        self.policy = self.engine.module
+        self.zero_stage = int(config["zero_optimization"]["stage"])
+        self._ds_config = config
         self.row_lo, self.total_rows = 0, 0
-        self.reference = None
-        if kl_coef > 0:
-            import copy
+        super().__init__(policy, OptimConfig(), algorithm, seed, device, reference)
 
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+    def _make_optimizer(self, optim: OptimConfig):
+        import deepspeed  # optional heavy dependency
+
+        self.engine, optimizer, _, _ = deepspeed.initialize(model=self.policy, config=self._ds_config,
+                                                            model_parameters=self.policy.parameters())
+        self.policy = self.engine.module
+        return optimizer
 
     def set_shard(self, row_lo: int, total_rows: int) -> None:
         """This rank holds global rows ``[row_lo, row_lo + n)`` of a rollout batch of ``total_rows``."""
@@ -160,8 +158,6 @@ class LearnerRank:
     """One rank of the learner group (wrapped with ``ray.remote`` by the Ray trainer)."""
 
     def __init__(self, rank: int, world: int, cfg_json: str, spec: dict, threads: int = 1) -> None:
-        from .config import Config
-
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         self.cfg = Config.model_validate_json(cfg_json)
@@ -188,12 +184,10 @@ class LearnerRank:
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         policy = TimePredictionModule(self.spec)
         policy.load_state_dict(weights)
-        o = cfg.optim
-        ds_cfg = _ds_config(o.lr, o.betas, o.eps, o.weight_decay, cfg.algorithm.max_grad_norm, lcfg.zero_stage,
-                            self.world, lcfg.optimizer)
-        a = cfg.algorithm
-        self.learner = DeepSpeedLearner(policy, self.rank, self.world, ds_cfg, a.clip_eps, a.epochs, a.minibatches,
-                                        a.max_grad_norm, a.kl_coef, cfg.seed, device)
+        reference = build_policy(cfg, self.spec.in_channels, self.spec.temb_dim) if cfg.algorithm.kl_coef > 0 else None
+        self.learner = DeepSpeedLearner(policy, self.rank, self.world,
+                                        ds_config(cfg.optim, cfg.algorithm, lcfg, self.world), cfg.algorithm,
+                                        cfg.seed, device, reference)
         if optimizer_state is not None:
             self.learner.load_state_dict(optimizer_state)
         return True
@@ -203,16 +197,8 @@ class LearnerRank:
         global rows ``[row_lo, row_lo + n)`` of ``total_rows``."""
         import ray
 
-        parts = []
-        refs = [p[0] for p in pieces]
-        rows_list = ray.get(refs) if refs else []
-        for rows, (_, start, end, adv) in zip(rows_list, pieces):
-            sl = slice(start, end)
-            parts.append(LearnBatch(features=rows["features"][sl].float(), temb=rows["temb"][sl].float(),
-                                    sigma=rows["sigma"][sl], action=rows["action"][sl], old_logp=rows["logp"][sl],
-                                    advantage=adv[rows["traj"][sl]].float(), mask=rows["valid"][sl]))
-        batch = LearnBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                             ("features", "temb", "sigma", "action", "old_logp", "advantage", "mask")))
+        rows: list[StepRows] = ray.get([p[0] for p in pieces]) if pieces else []
+        batch = LearnBatch.from_rows([(r, start, end, adv) for r, (_, start, end, adv) in zip(rows, pieces)])
         return self.update_batch(batch, iteration, row_lo, total_rows)
 
     def update_batch(self, batch: LearnBatch, iteration: int, row_lo: int = 0, total_rows: int = 0) -> dict:
@@ -221,7 +207,7 @@ class LearnerRank:
         return self.learner.update(batch, iteration)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.learner.policy.state_dict().items()}
+        return self.learner.weights()
 
     def optimizer_state(self) -> dict:
         return self.learner.state_dict()

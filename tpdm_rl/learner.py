@@ -1,46 +1,25 @@
 """The learner: recomputes per-step log-probs from stored features and applies PPO-clip updates.
 
-The batch is a packed table of steps (see ``rollout.trajectory``). The same TPM code that the
+The batch is a packed table of steps (``tpdm_rl.messages.LearnBatch``). The same TPM code that the
 rollout used turns the stored (pooled, storage-dtype) features into Beta log-probs, so on the first
 epoch ratio = 1 and clipfrac = 0 up to float rounding.
+
+Memory is bounded: rows stay on the host in their storage dtype, and one minibatch at a time is
+moved to the learner's device and up-cast to float32.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
 
 import torch
 
-from rollout.rng import derive_key
+from tpdm_rl.rollout.rng import derive_key
 
+from .config import AlgorithmConfig, OptimConfig
+from .messages import LearnBatch
 from .objective import ppo_clip_loss
 from .policy import TimePredictionModule, beta_entropy, beta_log_prob
-
-
-@dataclass
-class LearnBatch:
-    """One rollout's steps, ready for the learner (all on CPU; R rows)."""
-
-    features: torch.Tensor  # [R, F, g, g]
-    temb: torch.Tensor  # [R, D]
-    sigma: torch.Tensor  # [R]
-    action: torch.Tensor  # [R]
-    old_logp: torch.Tensor  # [R]
-    advantage: torch.Tensor  # [R] trajectory advantage broadcast to its steps
-    mask: torch.Tensor  # [R] bool, steps that count in the loss
-
-    def __len__(self) -> int:
-        return int(self.sigma.shape[0])
-
-    def rows(self, idx: torch.Tensor) -> LearnBatch:
-        return LearnBatch(*(t[idx] for t in (self.features, self.temb, self.sigma, self.action, self.old_logp,
-                                               self.advantage, self.mask)))
-
-    def to(self, device: torch.device) -> LearnBatch:
-        return LearnBatch(*(t.to(device) for t in (self.features, self.temb, self.sigma, self.action, self.old_logp,
-                                                    self.advantage, self.mask)))
 
 
 def policy_terms(policy: torch.nn.Module, batch: LearnBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -59,38 +38,53 @@ def minibatch_indices(n: int, minibatches: int, seed: int, iteration: int, epoch
 
 
 class Learner:
-    """Single-process PPO learner over the TPM (AdamW, grad clipping, optional KL to a reference)."""
+    """Single-process PPO learner over the TPM (AdamW, grad clipping, optional KL to a reference TPM).
 
-    def __init__(self, policy: TimePredictionModule, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip_eps: float = 0.2,
-                 epochs: int = 2, minibatches: int = 2, max_grad_norm: float = 1.0, kl_coef: float = 0.0,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+    ``reference``: the frozen policy of the KL term, the run's *initial* TPM (rebuilt from the seed
+    by the caller, so a resumed run uses the same reference as the uninterrupted one).
+    """
+
+    def __init__(self, policy: TimePredictionModule, optim: OptimConfig, algorithm: AlgorithmConfig, seed: int,
+                 device: str | torch.device = "cpu", reference: TimePredictionModule | None = None) -> None:
         self.device = torch.device(device)
         self.policy = policy.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
-                                           eps=eps)
-        self.clip_eps, self.epochs, self.minibatches = clip_eps, epochs, minibatches
-        self.max_grad_norm, self.kl_coef, self.seed = max_grad_norm, kl_coef, seed
+        self.algorithm, self.seed = algorithm, seed
+        self.optimizer = self._make_optimizer(optim)
         self.reference = None
-        if kl_coef > 0:
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        if algorithm.kl_coef > 0:
+            if reference is None:
+                raise ValueError("algorithm.kl_coef > 0 needs the reference TPM")
+            self.reference = reference.to(self.device).requires_grad_(False).eval()
+
+    def _make_optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.policy.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                 betas=tuple(optim.betas), eps=optim.eps)
+
+    @torch.no_grad()
+    def behaviour_logp_error(self, batch: LearnBatch, chunk: int) -> float:
+        """Max |recomputed - stored| log-prob over valid rows, one chunk at a time on the device."""
+        err = 0.0
+        for lo in range(0, len(batch), max(1, chunk)):
+            mb = batch.rows(torch.arange(lo, min(lo + chunk, len(batch)))).to(self.device)
+            if mb.mask.any():
+                logp = policy_terms(self.policy, mb)[0]
+                err = max(err, float((logp - mb.old_logp).abs()[mb.mask].max()))
+        return err
 
     def update(self, batch: LearnBatch, iteration: int) -> dict[str, float]:
         """Several epochs of minibatch PPO on one rollout batch; returns averaged metrics.
 
         A non-finite loss or gradient skips that optimiser step (counted in ``health/skipped_steps``).
         """
+        alg = self.algorithm
         self.policy.train()
-        batch = batch.to(self.device)
         sums: dict[str, float] = {}
         count, skipped, first_clipfrac = 0, 0, 0.0
-        with torch.no_grad():  # before any step the learner must reproduce the behaviour log-probs
-            logp0 = policy_terms(self.policy, batch)[0]
-            m0 = batch.mask
-            logp_err = float((logp0 - batch.old_logp).abs()[m0].max()) if m0.any() else 0.0
-        for epoch in range(self.epochs):
+        chunk = -(-max(len(batch), 1) // alg.minibatches)
+        logp_err = self.behaviour_logp_error(batch, chunk)  # before any step the ratio must be 1
+        for epoch in range(alg.epochs):
             for idx in self._minibatches(len(batch), iteration, epoch):
-                mb = batch.rows(idx)
+                mb = batch.rows(idx).to(self.device)
                 logp, ent, alpha, beta = policy_terms(self.policy, mb)
                 kl = None
                 if self.reference is not None:
@@ -98,7 +92,7 @@ class Learner:
                         ra, rb = self.reference(mb.features, mb.temb, mb.sigma)
                     kl = torch.distributions.kl_divergence(
                         torch.distributions.Beta(alpha, beta), torch.distributions.Beta(ra, rb))
-                stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, self.clip_eps, kl, self.kl_coef, ent)
+                stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, alg.clip_eps, kl, alg.kl_coef, ent)
                 if epoch == 0 and count == 0:
                     first_clipfrac = float(stats.clipfrac)
                 gnorm = self._apply(stats.loss, mb.mask)
@@ -121,7 +115,7 @@ class Learner:
         return out
 
     def _minibatches(self, n: int, iteration: int, epoch: int) -> list[torch.Tensor]:
-        return minibatch_indices(n, self.minibatches, self.seed, iteration, epoch)
+        return minibatch_indices(n, self.algorithm.minibatches, self.seed, iteration, epoch)
 
     def _apply(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """Backward + clipped optimiser step; None (and no step) when loss or gradients are not finite.
@@ -131,12 +125,15 @@ class Learner:
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.algorithm.max_grad_norm)
         if not torch.isfinite(gnorm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
         return gnorm
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rollout.rng import counter_beta
+from tpdm_rl.rollout.rng import counter_beta, derive_key
+
+from .config import Config
 
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite
 
@@ -124,3 +126,19 @@ def sample_ratio(alpha: torch.Tensor, beta: torch.Tensor, keys: torch.Tensor, co
     """Draw r ~ Beta(alpha, beta) from each trajectory's own counter-based stream (float32 [B])."""
     r = counter_beta(alpha.detach(), beta.detach(), keys, counters)
     return r.float().clamp(R_EPS, 1.0 - R_EPS)
+
+
+def build_policy(cfg: Config, in_channels: int, temb_dim: int) -> TimePredictionModule:
+    """The run's initial TPM: a pure function of the config and the seed (also the KL reference).
+
+    The global torch RNG is left untouched, so building a policy never shifts other random draws.
+    """
+    spec = TPMSpec(in_channels=in_channels, temb_dim=temb_dim, grid=cfg.backbone.feature_grid,
+                   hidden=cfg.policy.hidden, feature_blocks=tuple(cfg.backbone.feature_blocks),
+                   init_ratio=cfg.policy.init_ratio, init_concentration=cfg.policy.init_concentration)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(derive_key(cfg.seed, 0x7B3) % (2**63))
+    try:
+        return TimePredictionModule(spec)
+    finally:
+        torch.random.set_rng_state(gen_state)

@@ -1,0 +1,77 @@
+"""Schedules: what decides sigma_next for each active trajectory at its current step.
+
+``FixedSchedule`` follows a sigma table (the backbone scheduler's own, or any other);
+``TPMSchedule`` asks the TPM policy (a Beta draw from each trajectory's own random stream when
+training, the Beta mode at inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpdm_rl.policy import beta_log_prob, beta_mode, sample_ratio
+
+
+@dataclass
+class Proposal:
+    """A schedule's decision for a batch of active trajectories at their current step."""
+
+    sigma_next: torch.Tensor  # [B] proposed next sigma (before the terminal rule)
+    action: torch.Tensor  # [B] the action taken (ratio r for the TPM)
+    logp: torch.Tensor  # [B] behaviour log-prob of the action (0 for deterministic schedules)
+
+
+class Schedule:
+    """Decides sigma_next for each active trajectory. ``sigma_min``: finish below this sigma."""
+
+    sigma_min: float = 0.0
+    uses_features: bool = False
+
+    def propose(self, features: torch.Tensor, temb: torch.Tensor, sigma: torch.Tensor, step: torch.Tensor,
+                keys: torch.Tensor) -> Proposal:
+        raise NotImplementedError
+
+
+class FixedSchedule(Schedule):
+    """A fixed sigma table (e.g. the backbone's shifted flow-matching schedule), ending with 0."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas.float().cpu()
+        if self.sigmas[-1] != 0:
+            self.sigmas = torch.cat([self.sigmas, torch.zeros(1)])
+        self.num_steps = int(self.sigmas.numel() - 1)
+
+    def propose(self, features, temb, sigma, step, keys) -> Proposal:
+        nxt = self.sigmas.to(sigma.device)[(step + 1).clamp(max=self.num_steps)]
+        return Proposal(nxt, nxt / sigma.clamp_min(1e-12), torch.zeros_like(sigma))
+
+
+class TPMSchedule(Schedule):
+    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``) or the Beta mode (``mode='mode'``)."""
+
+    uses_features = True
+
+    def __init__(self, policy: torch.nn.Module, sigma_min: float, mode: str = "sample",
+                 feature_dtype: torch.dtype = torch.float32) -> None:
+        if mode not in ("sample", "mode"):
+            raise ValueError(f"TPM schedule mode must be 'sample' or 'mode', got {mode!r}")
+        self.policy = policy
+        self.sigma_min = float(sigma_min)
+        self.mode = mode
+        self.feature_dtype = feature_dtype
+
+    @torch.no_grad()
+    def propose(self, features, temb, sigma, step, keys) -> Proposal:
+        # the policy sees exactly what is stored for the learner (features cast to the storage dtype)
+        dev = next(self.policy.parameters()).device
+        feats = features.to(self.feature_dtype).to(dev)
+        alpha, beta = self.policy(feats, temb.to(dev), sigma.to(dev))
+        if self.mode == "sample":
+            r = sample_ratio(alpha, beta, keys.to(dev), step.to(dev))
+        else:
+            r = beta_mode(alpha, beta).float()
+        logp = beta_log_prob(alpha, beta, r)
+        r, logp = r.to(sigma.device), logp.to(sigma.device)
+        return Proposal(r * sigma, r, logp)

@@ -1,0 +1,367 @@
+"""The toy-world backbone: a small SD3-family pipeline *trained* on the toy world's scenes.
+
+Parts (all standard diffusers/transformers classes, so ``StableDiffusion3Pipeline.from_pretrained``
+loads the folder offline like any SD3 checkpoint):
+
+- ``AutoencoderKL`` with 16 latent channels and 4x downsampling (64 px -> 16 x 16 latents), trained
+  on the world's images (L1 + a small KL term);
+- ``SD3Transformer2DModel`` (4 heads x 32, patch 2: 64 image tokens) trained with SD3's rectified-flow
+  objective: diffusers' ``compute_density_for_timestep_sampling`` (logit-normal) over the
+  ``FlowMatchEulerDiscreteScheduler`` training table and ``compute_loss_weighting_for_sd3``;
+- two ``CLIPTextModelWithProjection`` and a ``T5EncoderModel``, trained jointly with the
+  transformer, with word-level tokenizers over the grammar's vocabulary (a BPE whose merges make
+  every grammar word one token, and a unigram T5 vocabulary with one piece per word).
+
+The trained folder ships in the package (``tpdm_rl/data/toy_backbone``, selected by
+``backbone.path: builtin:toy``); ``tpdm-rl make-toy-backbone DIR --train`` reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tpdm_rl.rewards.shapes import analyse
+
+from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, complexity, prompt_set, render, sample_scene
+
+from .tiny_backbone import byte_symbols
+
+TOY_MARKER = "tpdm_toy.json"
+TEXT_LEN = 24  # CLIP and T5 sequence length: the longest grammar prompt is 21 CLIP tokens
+BUILTIN_TOY = "builtin:toy"
+
+
+def shipped_toy_dir() -> Path:
+    """The trained toy backbone that ships inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("tpdm_rl") / "data" / "toy_backbone"))
+
+
+@dataclass
+class ToyTrainSettings:
+    """How the toy backbone is trained (the defaults reproduce the shipped folder)."""
+
+    seed: int = 0
+    threads: int = 2
+    vae_steps: int = 900
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    scenes: int = 60_000
+    steps: int = 5200
+    batch: int = 64
+    lr: float = 6e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    eval_prompts: int = 200
+
+
+# ---------------------------------------------------------------------------- tokenizers and modules
+def build_tokenizers():
+    """Word-level CLIP (BPE) and T5 (unigram) tokenizers for the grammar's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    symbols = byte_symbols()
+    words = [w for w in VOCABULARY if w != ","]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, initial_alphabet=symbols,
+                                  end_of_word_suffix="</w>", show_progress=False)
+    bpe.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LEN)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    pieces += [("\u2581" + w, -1.0) for w in VOCABULARY]
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"
+    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
+    t5 = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_LEN)
+    return clip, t5
+
+
+def build_toy_pipeline(seed: int = 0):
+    """An untrained toy pipeline (random weights, deterministic for the seed)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = build_tokenizers()
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32),
+                            layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=IMAGE_SIZE,
+                            use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
+                            shift_factor=0.0, scaling_factor=1.0)
+        latent = IMAGE_SIZE // 4
+        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, num_layers=5,
+                                            attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                            caption_projection_dim=128, pooled_projection_dim=64, out_channels=16,
+                                            pos_embed_max_size=latent)
+        clip_cfg = dict(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=32,
+                        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                        pad_token_id=clip_tok.pad_token_id, hidden_act="gelu")
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0))
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                    tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=t5_tok)
+
+
+# ---------------------------------------------------------------------------- data
+def scene_batch(seeds: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """Rendered train-split scenes for the given seeds: images [B, 3, 64, 64] in [-1, 1] and prompts."""
+    scenes = [sample_scene(int(s), split="train") for s in seeds]
+    arr = np.stack([render(s) for s in scenes])
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return images, [s.prompt.text for s in scenes]
+
+
+def _seed_of(seed: int, stage: int, index: int) -> int:
+    return (seed * 1_000_003 + stage * 100_000_019 + index) % (2**63)
+
+
+# ---------------------------------------------------------------------------- training
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_vae(pipe, s: ToyTrainSettings, log: Callable[[dict], None], progress: bool) -> None:
+    vae = pipe.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    bar = _bar(s.vae_steps, "toy VAE", progress)
+    for step in range(s.vae_steps):
+        images, _ = scene_batch([_seed_of(s.seed, 1, step * s.vae_batch + i) for i in range(s.vae_batch)])
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, s.vae_steps, 50, s.vae_lr)
+        post = vae.encode(images).latent_dist
+        recon = vae.decode(post.sample()).sample
+        rec = (recon - images).abs().mean()
+        loss = rec + s.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        if step % 25 == 0 or step == s.vae_steps - 1:
+            bar.set_postfix(l1=f"{float(rec):.4f}")
+            log({"stage": "vae", "step": step, "l1": float(rec), "loss": float(loss)})
+    bar.close()
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_scenes(pipe, s: ToyTrainSettings, progress: bool) -> tuple[torch.Tensor, list[str]]:
+    """Latent means of ``s.scenes`` train scenes, normalised with the VAE's new shift/scale."""
+    vae = pipe.vae
+    chunks, prompts = [], []
+    bar = _bar(s.scenes, "encode scenes", progress)
+    for lo in range(0, s.scenes, 256):
+        idx = range(lo, min(lo + 256, s.scenes))
+        images, texts = scene_batch([_seed_of(s.seed, 2, i) for i in idx])
+        chunks.append(vae.encode(images).latent_dist.mean)
+        prompts += texts
+        bar.update(len(idx))
+    bar.close()
+    lat = torch.cat(chunks)
+    shift, std = float(lat.mean()), float(lat.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    return ((lat - shift) / std).to(torch.bfloat16), prompts
+
+
+def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], s: ToyTrainSettings,
+                      log: Callable[[dict], None], progress: bool) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
+    modules.train().requires_grad_(True)
+    params = [p for p in modules.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(_seed_of(s.seed, 3, 0))
+    n = latents.shape[0]
+    order = torch.randperm(n, generator=gen)
+    bar = _bar(s.steps, "toy transformer", progress)
+    run_loss = None
+    for step in range(s.steps):
+        lo = (step * s.batch) % n
+        if lo + s.batch > n:
+            order = torch.randperm(n, generator=gen)
+            lo = 0
+        idx = order[lo:lo + s.batch]
+        x0 = latents[idx].float()
+        texts = [prompts[i] if float(u) >= s.cfg_dropout else ""
+                 for i, u in zip(idx.tolist(), torch.rand(len(idx), generator=gen))]
+        embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+        u = compute_density_for_timestep_sampling("logit_normal", len(idx), logit_mean=0.0, logit_std=1.0,
+                                                  generator=gen)
+        ti = (u * sched.config.num_train_timesteps).long()
+        timesteps = sched.timesteps[ti]
+        sigmas = sched.sigmas[ti].reshape(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=gen)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        pred = pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
+        weight = compute_loss_weighting_for_sd3("logit_normal", sigmas)
+        loss = (weight * (pred - (noise - x0)) ** 2).reshape(len(idx), -1).mean(1).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, s.steps, s.warmup, s.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        run_loss = float(loss) if run_loss is None else 0.98 * run_loss + 0.02 * float(loss)
+        bar.update(1)
+        if step % 25 == 0 or step == s.steps - 1:
+            bar.set_postfix(loss=f"{run_loss:.4f}")
+            log({"stage": "transformer", "step": step, "loss": float(loss), "loss_smooth": run_loss,
+                 "lr": opt.param_groups[0]["lr"]})
+    bar.close()
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    modules.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_quality(pipe, prompts: list[str], steps_list: tuple[int, ...] = (4, 28), guidance: float = 4.5,
+                     seed: int = 0, batch: int = 50) -> dict:
+    """Shapes score and exact-match rate per object count at each step count (the pipeline's own sampler)."""
+    out: dict = {}
+    levels = torch.tensor([complexity(p)[0] for p in prompts])
+    for steps in steps_list:
+        scores, exact = [], []
+        for lo in range(0, len(prompts), batch):
+            chunk = prompts[lo:lo + batch]
+            gens = [torch.Generator().manual_seed(seed + lo + i) for i in range(len(chunk))]
+            img = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                       generator=gens, output_type="pt", max_sequence_length=TEXT_LEN).images
+            a = analyse(img, chunk)
+            scores.append(a.score)
+            exact.append(a.exact.float())
+        sc, ex = torch.cat(scores), torch.cat(exact)
+        out[str(steps)] = {"score": float(sc.mean()), "exact": float(ex.mean()),
+                           "by_objects": {str(k): {"score": float(sc[levels == k].mean()),
+                                                   "exact": float(ex[levels == k].mean()),
+                                                   "prompts": int((levels == k).sum())}
+                                          for k in sorted(set(levels.tolist()))}}
+    return out
+
+
+def train_toy_backbone(directory: str | os.PathLike, settings: ToyTrainSettings | None = None,
+                       progress: bool = True) -> Path:
+    """Train the toy backbone from scratch and write the pipeline folder (plus ``training/`` logs)."""
+    s = settings or ToyTrainSettings()
+    out = Path(directory)
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    pipe = build_toy_pipeline(s.seed)
+    pipe.set_progress_bar_config(disable=True)
+    records: list[dict] = []
+
+    def log(rec: dict) -> None:
+        records.append({**rec, "elapsed_s": round(time.perf_counter() - t0, 2)})
+
+    train_vae(pipe, s, log, progress)
+    latents, prompts = encode_scenes(pipe, s, progress)
+    train_transformer(pipe, latents, prompts, s, log, progress)
+    train_s = time.perf_counter() - t0
+    heldout = prompt_set(s.seed + 1, s.eval_prompts, "heldout")
+    quality = evaluate_quality(pipe, heldout, seed=10_000)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    logs = tmp / "training"
+    logs.mkdir()
+    (logs / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (logs / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    plot_loss(records, logs / "loss.png")
+    meta = {"kind": "toy", "settings": asdict(s), "train_seconds": round(train_s, 1),
+            "torch_threads": torch.get_num_threads(), "text_len": TEXT_LEN, "image_size": IMAGE_SIZE}
+    (tmp / TOY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_loss(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    vae = [r for r in records if r["stage"] == "vae"]
+    tr = [r for r in records if r["stage"] == "transformer"]
+    axes[0].plot([r["step"] for r in vae], [r["l1"] for r in vae])
+    axes[0].set(title="VAE reconstruction", xlabel="step", ylabel="L1 (pixels in [-1, 1])", yscale="log")
+    axes[1].plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.3, label="batch")
+    axes[1].plot([r["step"] for r in tr], [r["loss_smooth"] for r in tr], label="smoothed")
+    axes[1].set(title="transformer (rectified flow)", xlabel="step", ylabel="weighted MSE")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def copy_toy_backbone(directory: str | os.PathLike) -> Path:
+    """Write the shipped, already trained toy backbone to ``directory`` (seconds)."""
+    src = shipped_toy_dir()
+    if not (src / "model_index.json").is_file():
+        raise FileNotFoundError(f"the shipped toy backbone is missing from {src}; reinstall tpdm-rl or run "
+                                "`tpdm-rl make-toy-backbone DIR --train`")
+    out = Path(directory)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new folder")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    return out

@@ -1,0 +1,156 @@
+"""The evaluation's figures: schedules, NFE histogram, quality-vs-NFE curve, image grid."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg", force=True)
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from tpdm_rl.rollout.baselines import parse_method  # noqa: E402
+
+if TYPE_CHECKING:
+    from .run import MethodResult
+
+def _short(text: str, n: int = 38) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def plot_schedules(path: Path, results: dict[str, MethodResult], shown: list[str], items, prompts, n_show: int
+                   ) -> None:
+    """sigma vs step for a sample of prompts (TPM vs fixed), plus each skipping method's call pattern."""
+    adaptive = [m for m in shown if parse_method(m).skips][:2]
+    fig, axes = plt.subplots(1, 1 + len(adaptive), figsize=(7 + 5.5 * len(adaptive), 4.8), squeeze=False)
+    ax = axes[0, 0]
+    picks = [j for j, (i, k) in enumerate(items) if k == 0][:n_show]
+    cmap = plt.get_cmap("tab10")
+    tpm_names = [m for m in shown if parse_method(m).kind == "tpm"]
+    for c, j in enumerate(picks):
+        for name in tpm_names:
+            s = results[name].sigmas[j].numpy()
+            ax.plot(range(len(s)), s, "-o", ms=3, lw=1.4, color=cmap(c % 10),
+                    label=f"TPM: {_short(prompts[items[j][0]], 28)} ({len(s) - 1} steps)")
+    fixed = sorted((m for m in shown if parse_method(m).kind == "fixed"), key=lambda m: -parse_method(m).steps)
+    styles = ["--", ":", "-."]
+    for n, name in enumerate(fixed[:3]):
+        s = results[name].sigmas[0].numpy()
+        ax.plot(range(len(s)), s, styles[n % 3], color="black", lw=1.6, alpha=0.8, label=f"{name} (all prompts)")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("sigma (noise level)")
+    ax.set_title("Schedules: TPM per prompt vs fixed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    for a, name in zip(axes[0, 1:], adaptive):
+        called = results[name].called
+        rows = picks if picks else list(range(min(len(called), n_show)))
+        width = max(int(c.numel()) for c in called)
+        grid = torch.full((len(rows), width), float("nan"))
+        for r, j in enumerate(rows):
+            grid[r, :called[j].numel()] = called[j].float()
+        two = ListedColormap(["#c0392b", "#27ae60"])
+        im = a.imshow(grid.numpy(), aspect="auto", cmap=two, vmin=-0.5, vmax=1.5, interpolation="nearest")
+        a.set_yticks(range(len(rows)))
+        a.set_yticklabels([f"{_short(prompts[items[j][0]], 22)} (NFE {int(results[name].nfe[j])})" for j in rows],
+                          fontsize=7)
+        a.set_xlabel("denoising step")
+        a.set_title(f"{name}: transformer call (green) or reused velocity (red)", fontsize=9)
+        cb = fig.colorbar(im, ax=a, ticks=[0, 1], fraction=0.04)
+        cb.ax.set_yticklabels(["reused", "called"], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_nfe_hist(path: Path, results: dict[str, MethodResult], shown: list[str]) -> None:
+    """Distribution of NFE per image, one panel per method."""
+    fig, axes = plt.subplots(len(shown), 1, figsize=(7.5, 1.5 + 1.35 * len(shown)), sharex=True, squeeze=False)
+    hi = max(int(results[m].nfe.max()) for m in shown)
+    cmap = plt.get_cmap("tab10")
+    for c, (ax, name) in enumerate(zip(axes[:, 0], shown)):
+        nfe = results[name].nfe
+        vals, counts = torch.unique(nfe, return_counts=True)
+        ax.bar(vals.numpy(), counts.numpy(), width=0.8, color=cmap(c % 10), label=f"{name} (mean {nfe.double().mean():.1f})")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_xlim(0, hi + 1.5)
+    axes[-1, 0].set_xlabel("NFE (transformer calls per image)")
+    axes[0, 0].set_title(f"NFE distribution per method ({int(results[shown[0]].nfe.numel())} images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(path: Path, report: dict, shown: list[str]) -> None:
+    """Quality vs mean NFE: fixed:N as a curve, the other methods as labelled points; one panel per metric."""
+    ref = report["reference"]
+    metrics = [(f"reward: {r}", lambda row, r=r: row["rewards"][r]) for r in report["rewards"] if r != "fidelity"]
+    metrics += [(f"PSNR vs {ref} (dB) = fidelity", lambda row: row["psnr"]),
+                (f"SSIM vs {ref}", lambda row: row["ssim"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.3), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    points = [r for r in report["methods"] if parse_method(r["method"]).kind != "fixed"]
+    for ax, (label, get) in zip(axes[0], metrics):
+        is_psnr = label.startswith("PSNR")
+        curve = [r for r in report["pareto"] if not (is_psnr and r["is_reference"])]
+        xs = [r["nfe"]["mean"] for r in curve]
+        ys = [get(r)["mean"] for r in curve]
+        es = [get(r)["se"] for r in curve]
+        ax.errorbar(xs, ys, yerr=es, fmt="-s", color="black", ms=4, lw=1.3, capsize=2, label="fixed:N (N under each point)")
+        for r, x, y in zip(curve, xs, ys):
+            ax.annotate(str(r["nfe"]["min"]), (x, y), textcoords="offset points", xytext=(0, -12), fontsize=7,
+                        ha="center", color="dimgray")
+        for c, r in enumerate(points):
+            m = get(r)
+            ax.errorbar([r["nfe"]["mean"]], [m["mean"]], yerr=[m["se"]], fmt="o", ms=8, capsize=3,
+                        color=cmap(c % 10), label=r["method"])
+            ax.annotate(r["method"], (r["nfe"]["mean"], m["mean"]), textcoords="offset points", xytext=(6, 6),
+                        fontsize=8, color=cmap(c % 10))
+        ax.margins(x=0.06, y=0.1)
+        ax.set_xlabel("mean NFE per image")
+        ax.set_ylabel(label)
+        ax.set_title(label + (f"\n({ref} itself is the reference, not drawn)" if is_psnr else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Quality vs compute ({report['num_images']} images, {report['resolution']} px)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(path: Path, results: dict[str, MethodResult], shown: list[str], row_prompts: list[str],
+              image_index: list[int]) -> None:
+    """Prompts x methods image grid, each image labelled with its NFE."""
+    nr, nc = max(len(row_prompts), 1), len(shown)
+    fig, axes = plt.subplots(nr, nc, figsize=(2.3 * nc + 1.6, 2.4 * nr + 0.6), squeeze=False)
+    for c, name in enumerate(shown):
+        res = results[name]
+        for r in range(nr):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r < res.grid_images.shape[0]:
+                ax.imshow(res.grid_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                j = image_index[r]
+                lab = f"NFE {int(res.nfe[j])}"
+                if not res.is_reference:
+                    lab += f", {float(res.psnr[j]):.1f} dB"
+                ax.set_xlabel(lab, fontsize=8)
+            if r == 0:
+                ax.set_title(name + (" (ref)" if res.is_reference else ""), fontsize=9)
+            if c == 0 and r < len(row_prompts):
+                ax.set_ylabel("\n".join(_wrap(row_prompts[r], 22)[:3]), fontsize=7)
+    fig.suptitle("Same prompt and noise per row; NFE = transformer calls, dB = PSNR vs the reference", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width) or [""]

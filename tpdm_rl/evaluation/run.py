@@ -1,0 +1,236 @@
+"""Evaluation of a trained TPM against fixed schedules and AdaptiveDiffusion.
+
+Every method samples the same prompts from the same initial noises (one seed per (prompt, k),
+``noise_seed``); the backbone's default 28-step schedule (``fixed:28``) is always run and is the
+reference for PSNR/SSIM. ``evaluate`` writes ``results.json``, ``results.md``, ``schedules.png``,
+``nfe_hist.png``, ``pareto.png`` and ``grid.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torchmetrics.functional import structural_similarity_index_measure
+from tqdm.auto import tqdm
+
+from tpdm_rl.prompts import load_prompts
+from tpdm_rl.rewards.fidelity import psnr
+from tpdm_rl.rewards.registry import RewardError, build_reward
+from tpdm_rl.rollout.baselines import Method, SampleOutput, parse_method, parse_methods
+from tpdm_rl.rollout.pipeline import TPDMPipeline
+from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rollout.settings import locate_tpm
+
+from .plots import plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
+from .report import results_markdown
+
+REFERENCE = Method("fixed", steps=28)
+DEFAULT_METHODS = "tpm,fixed:28,fixed:14,adaptive:0.01"
+DEFAULT_PARETO_STEPS = (4, 6, 8, 12, 16, 20, 28)
+EVAL_SEED = 0xE7A1
+
+
+def noise_seed(prompt_index: int, k: int) -> int:
+    """The initial-noise seed of the k-th image of prompt ``prompt_index`` (same for every method).
+
+    ``tpdm-rl sample --seed`` with this value reproduces the image (it is recorded in results.json).
+    """
+    return derive_key(EVAL_SEED, prompt_index, k) & 0x7FFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------- small helpers
+def mean_se(x: torch.Tensor) -> dict[str, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n))."""
+    x = x.double().reshape(-1)
+    n = x.numel()
+    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": float(x.mean()) if n else float("nan"), "se": se}
+
+
+def ssim_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image against its reference (torchmetrics, data range 1)."""
+    k = 11 if min(images.shape[-2:]) >= 11 else (min(images.shape[-2:]) // 2) * 2 - 1
+    return structural_similarity_index_measure(images.float(), references.float(), data_range=1.0, reduction="none", kernel_size=k).reshape(-1)
+
+
+def reward_options_for(tpm_file: Path) -> dict[str, dict]:
+    """Reward options from the training config next to the TPM (checkpoint config.yaml or export json)."""
+    cfg = None
+    if (tpm_file.parent / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((tpm_file.parent / "config.yaml").read_text())
+        except yaml.YAMLError:
+            cfg = None
+    elif (tpm_file.parent / "tpdm_config.json").is_file():
+        try:
+            cfg = json.loads((tpm_file.parent / "tpdm_config.json").read_text()).get("training_config")
+        except json.JSONDecodeError:
+            cfg = None
+    rewards = (cfg or {}).get("rewards") or {}
+    out = {}
+    for name, spec in rewards.items():
+        spec = dict(spec or {})
+        for k in ("weight", "normalize", "num_workers", "num_cpus", "num_gpus"):
+            spec.pop(k, None)
+        out[name] = spec
+    return out
+
+
+def build_eval_rewards(names: list[str], options: dict[str, dict]) -> dict:
+    """Reward models by name (options from the training config when it has that reward); fidelity always."""
+    models = {}
+    for name in list(dict.fromkeys(["fidelity", *names])):
+        try:
+            models[name] = build_reward(name, **options.get(name, {}))
+        except RewardError as exc:
+            raise RewardError(f"--rewards {name}: {exc}") from None
+    return models
+
+
+@dataclass
+class MethodResult:
+    method: str
+    nfe: torch.Tensor
+    steps: torch.Tensor
+    seconds: float
+    cpu_seconds: float
+    psnr: torch.Tensor
+    ssim: torch.Tensor
+    rewards: dict[str, torch.Tensor]
+    sigmas: list[torch.Tensor]
+    called: list[torch.Tensor]
+    grid_images: torch.Tensor  # the few images shown in grid.png
+    is_reference: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def row(self, ref: MethodResult, n_images: int) -> dict:
+        s_img = self.seconds / max(n_images, 1)
+        ref_s = ref.seconds / max(n_images, 1)
+        nfe = self.nfe.double()
+        return {
+            "method": self.method, "is_reference": self.is_reference,
+            "nfe": {"mean": float(nfe.mean()), "min": int(self.nfe.min()), "max": int(self.nfe.max()),
+                    "std": float(nfe.std()) if nfe.numel() > 1 else 0.0,
+                    "distinct": len(set(self.nfe.tolist()))},
+            "steps": {"mean": float(self.steps.double().mean()), "min": int(self.steps.min()),
+                      "max": int(self.steps.max())},
+            "psnr": mean_se(self.psnr), "ssim": mean_se(self.ssim),
+            "rewards": {k: mean_se(v) for k, v in self.rewards.items()},
+            "seconds": self.seconds, "seconds_per_image": s_img,
+            "cpu_seconds_per_image": self.cpu_seconds / max(n_images, 1),
+            "speedup_time": ref_s / s_img if s_img > 0 else float("nan"),
+            "speedup_nfe": float(ref.nfe.double().mean() / nfe.mean()),
+        }
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: str = "builtin:eval",
+             methods: str | list[str] = DEFAULT_METHODS, rewards: str | list[str] = "fidelity", seeds: int = 1,
+             backbone: str | None = None, limit: int | None = None,
+             pareto_steps: list[int] | tuple[int, ...] = DEFAULT_PARETO_STEPS, batch_size: int = 16,
+             device: str = "auto", grid_prompts: int = 4, schedule_prompts: int = 8, progress: bool = True,
+             timing_repeats: int = 1) -> dict:
+    """Run every method on the same prompts and noises, score, and write the report files.
+
+    ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all
+    methods, and reports the fastest wall clock (the outputs are deterministic; this only damps noise
+    from other processes sharing the machine).
+    """
+    table = parse_methods(methods)
+    pareto = sorted({int(n) for n in pareto_steps})
+    for n in pareto:
+        parse_method(f"fixed:{n}")
+    reward_names = [r.strip() for r in (rewards.split(",") if isinstance(rewards, str) else rewards) if r.strip()]
+    if int(seeds) < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    prompt_list = load_prompts(prompts)
+    if limit:
+        prompt_list = prompt_list[:int(limit)]
+    tpm_file = locate_tpm(checkpoint)
+    reward_models = build_eval_rewards(reward_names, reward_options_for(tpm_file))
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size)
+    sampler = pipe.sampler()
+    bb = pipe.backbone
+    items = [(i, k) for i in range(len(prompt_list)) for k in range(int(seeds))]
+    all_prompts = [prompt_list[i] for i, _ in items]
+    all_seeds = [noise_seed(i, k) for i, k in items]
+    n_img = len(items)
+    grid_idx = [j for j, (i, k) in enumerate(items) if k == 0][:max(int(grid_prompts), 0)]
+
+    runs: list[Method] = [REFERENCE] + [m for m in table if m != REFERENCE]
+    runs += [m for m in (Method("fixed", steps=n) for n in pareto) if m not in runs]
+    # untimed: encode every prompt once (cached) and warm every code path up on one image
+    bb.encode_prompts(sorted(set(all_prompts)) + [bb.negative_prompt])
+    for m in {m.kind: m for m in runs}.values():
+        sampler.run(Method("fixed", steps=2) if m.kind == "fixed" else m, all_prompts[:1], all_seeds[:1])
+    repeats = max(int(timing_repeats), 1)
+    bar = tqdm(total=len(runs) * n_img * repeats, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    results: dict[str, MethodResult] = {}
+    ref_images = None
+    try:
+        for m in runs:
+            bar.set_postfix_str(m.name)
+            out: SampleOutput = sampler.run(m, all_prompts, all_seeds, progress=bar.update)
+            if ref_images is None:
+                ref_images = out.images
+            scores = {}
+            for name, model in reward_models.items():
+                scores[name] = model.score(out.images, all_prompts, ref_images if model.needs_reference else None)
+            results[m.name] = MethodResult(
+                method=m.name, nfe=out.nfe, steps=out.steps, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
+                psnr=psnr(out.images, ref_images),
+                ssim=ssim_per_image(out.images, ref_images), rewards=scores, sigmas=out.sigmas, called=out.called,
+                grid_images=out.images[grid_idx].clone(), is_reference=m == REFERENCE)
+            del out
+        for _ in range(repeats - 1):  # round-robin re-timing: a burst of load hits one pass, not one method
+            for m in runs:
+                bar.set_postfix_str(f"{m.name} (timing)")
+                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update)
+                r = results[m.name]
+                r.seconds, r.cpu_seconds = min(r.seconds, again.seconds), min(r.cpu_seconds, again.cpu_seconds)
+    finally:
+        bar.close()
+
+    ref = results[REFERENCE.name]
+    shown = [m.name for m in table]
+    if REFERENCE.name not in shown:
+        shown.append(REFERENCE.name)
+    rows = [results[name].row(ref, n_img) for name in shown]
+    curve = [results[f"fixed:{n}"].row(ref, n_img) for n in pareto]
+    per_image = []
+    for j, (i, k) in enumerate(items):
+        rec = {"prompt_index": i, "k": k, "prompt": prompt_list[i], "seed": all_seeds[j],
+               "nfe": {name: int(results[name].nfe[j]) for name in shown},
+               "psnr": {name: round(float(results[name].psnr[j]), 4) for name in shown},
+               "ssim": {name: round(float(results[name].ssim[j]), 5) for name in shown}}
+        sch = {name: [round(float(s), 5) for s in results[name].sigmas[j]] for name in shown
+               if parse_method(name).uses_tpm}
+        if sch:
+            rec["sigmas"] = sch
+        per_image.append(rec)
+    report = {
+        "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "backbone": bb.path, "device": str(bb.device),
+        "prompts": str(prompts), "num_prompts": len(prompt_list), "seeds_per_prompt": int(seeds),
+        "num_images": n_img, "resolution": sampler.height, "guidance_scale": bb.guidance_scale,
+        "reference": REFERENCE.name, "rewards": list(reward_models), "tpm_settings": pipe.settings,
+        "timing_repeats": repeats,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "methods": rows, "pareto": curve, "per_image": per_image,
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(report))
+    plot_schedules(out_dir / "schedules.png", results, shown, items, prompt_list, schedule_prompts)
+    plot_nfe_hist(out_dir / "nfe_hist.png", results, shown)
+    plot_pareto(out_dir / "pareto.png", report, shown)
+    plot_grid(out_dir / "grid.png", results, shown, [prompt_list[items[j][0]] for j in grid_idx], grid_idx)
+    return report

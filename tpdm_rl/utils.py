@@ -1,0 +1,144 @@
+"""Small helpers every layer shares: devices and dtypes, atomic files, metrics files, phase timing, threads.
+
+One helper per concern, so the single-process path, the Ray path and the applications cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: final metrics of a run: the mean of its last min(FINAL_WINDOW, n) iterations
+FINAL_WINDOW = 3
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` / None -> cuda when available, else cpu; anything else as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """A dtype by name (``float32``/``bfloat16``/``float16`` or fp32/bf16/fp16); ``auto`` / None ->
+    bf16 on a GPU, fp32 elsewhere. Unknown names raise ValueError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}")
+    return DTYPES[name]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (0 / None: the CPUs available) and return the number in use."""
+    n = int(threads) if threads else available_cpus()
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------- files
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file, fsync it, then rename over ``path``: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``metrics.jsonl`` (missing file: none; a torn last line is skipped)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    recs = []
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    return recs
+
+
+def finite(v: Any) -> float | None:
+    """``v`` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(float(v)) else None
+
+
+def final_window(records: list[dict], keys: list[str] | None = None, window: int = FINAL_WINDOW
+                 ) -> dict[str, float | None]:
+    """Mean of the last min(window, n) records per key (non-finite values skipped).
+
+    ``keys`` default: every ``reward/*`` and ``steps/*`` key of the last record."""
+    tail = records[-window:]
+    if keys is None:
+        keys = [k for k in (records[-1] if records else {}) if k.startswith(("reward/", "steps/"))]
+    out: dict[str, float | None] = {}
+    for k in keys:
+        vals = [x for x in (finite(r.get(k)) for r in tail) if x is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+class PhaseTimer:
+    """Wall-clock seconds per named phase, logged as ``time/<phase>_s`` (the same keys in every mode).
+
+    ``with timer("learn"): ...`` adds to the phase; ``timer.metrics()`` returns the totals.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + float(seconds)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
