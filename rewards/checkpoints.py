@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 
 from .registry import RewardError
 
@@ -58,8 +60,6 @@ def resolve_file(path: str | os.PathLike | None, what: str, where_to_get: str,
     offline) a file fetched with ``huggingface_hub.hf_hub_download``."""
     if path is None and hub_repo and hub_file and not hub_offline():
         try:
-            from huggingface_hub import hf_hub_download
-
             return Path(hf_hub_download(repo_id=hub_repo, filename=hub_file))
         except Exception as exc:
             raise RewardError(one_line(f"{what}: could not download {hub_file!r} from hub repo {hub_repo!r} "
@@ -91,8 +91,6 @@ def load_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise RewardError(f"checkpoint {str(p)!r} not found")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(p), device="cpu")
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)

@@ -16,6 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from .aesthetic import RewardMLP
+from .hpsv2 import create_open_clip
 
 TINY_OPEN_CLIP = "tiny-clip"
 TINY_OPEN_CLIP_CONFIG = {
@@ -55,7 +59,6 @@ def register_tiny_open_clip(name: str = TINY_OPEN_CLIP) -> str:
 
 def _tiny_open_clip_model(seed: int, name: str):
     register_tiny_open_clip(name)
-    from .hpsv2 import create_open_clip
 
     torch.manual_seed(seed)
     model = create_open_clip(name, "tiny open_clip fixture")
@@ -78,8 +81,6 @@ def make_tiny_hpsv2(folder: str | Path, seed: int = 0, name: str = TINY_OPEN_CLI
 
 def make_tiny_aesthetic(folder: str | Path, seed: int = 0, name: str = TINY_OPEN_CLIP) -> dict:
     """An open_clip CLIP state dict (fp16) + the MLP ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.N``)."""
-    from .aesthetic import RewardMLP
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = _tiny_open_clip_model(seed + 1, name)
@@ -112,8 +113,6 @@ def _bytes_to_unicode() -> list[str]:
 
 def tiny_clip_tokenizer():
     """A byte-level CLIPTokenizer (no merges) built offline; returns (tokenizer, vocab size)."""
-    from transformers import CLIPTokenizer
-
     vocab: dict[str, int] = {}
     for s in _bytes_to_unicode():
         vocab[s] = len(vocab)
@@ -127,7 +126,6 @@ def tiny_clip_tokenizer():
 def make_tiny_hf_clip(folder: str | Path, seed: int = 0) -> dict:
     """A transformers CLIP folder (model + tokenizer + preprocessor config), as PickScore_v1 /
     openai/clip-vit-large-patch14 ship; for ``pickscore`` and ``clip_score``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +207,6 @@ def make_tiny_imagereward(folder: str | Path, seed: int = 0) -> dict:
     """``ImageReward.pt`` with the released key names (``blip.visual_encoder.*``,
     ``blip.text_encoder.*`` incl. ``embeddings.position_ids``, ``blip.vision_proj/text_proj``,
     ``mlp.layers.*``), ``med_config.json`` beside it and a tiny BERT tokenizer folder."""
-    from transformers import BertTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

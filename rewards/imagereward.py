@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from .aesthetic import load_reward_mlp
 from .base import RewardModel
@@ -81,7 +82,6 @@ def split_imagereward_state(state: dict[str, torch.Tensor], path) -> tuple[dict,
 def vision_config_from_state(vision: dict[str, torch.Tensor], path):
     """A ``BlipVisionConfig`` sized from the (renamed) vision weights: BLIP ViT, LayerNorm eps 1e-6,
     GELU, 64-d attention heads (ViT-B: 12, ViT-L: 16)."""
-    from transformers import BlipVisionConfig
 
     try:
         hidden = int(vision["embeddings.class_embedding"].shape[-1])
@@ -104,7 +104,6 @@ def vision_config_from_state(vision: dict[str, torch.Tensor], path):
 def text_config_from_med(med: dict, encoder_width: int, path):
     """A ``BlipTextConfig`` from ImageReward's ``med_config.json`` (BLIP's BERT-base settings);
     ``encoder_width`` is the vision width (BLIP overrides the file's value the same way)."""
-    from transformers import BlipTextConfig
 
     if med.get("position_embedding_type", "absolute") != "absolute":
         raise RewardError(f"imagereward: {str(path)!r}: only absolute position embeddings are supported")
@@ -143,10 +142,6 @@ class ImageRewardReward(RewardModel):
     def __init__(self, checkpoint: str | None = None, med_config: str | None = None,
                  tokenizer: str = "bert-base-uncased", device="auto", dtype="auto", batch_size: int = 32) -> None:
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)
-        try:
-            from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
-        except ModuleNotFoundError as exc:
-            raise RewardError(f"imagereward needs transformers ({exc})") from None
         where = f"hub repo {IR_HUB_REPO} file ImageReward.pt"
         path = resolve_file(checkpoint, "imagereward", where, hub_repo=IR_HUB_REPO, hub_file="ImageReward.pt")
         if med_config is None and (path.parent / "med_config.json").is_file():

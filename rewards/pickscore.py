@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, CLIPModel
+from transformers.utils import logging as hf_logging
 
 from .base import RewardModel
 from .checkpoints import one_line, require_dir
@@ -78,11 +80,6 @@ class HFCLIPReward(RewardModel):
         folder = require_dir(checkpoint, self.name, self.hub_hint)
         proc = require_dir(processor, f"{self.name} processor", self.hub_hint, must_contain=()) if processor \
             else folder
-        try:
-            from transformers import AutoTokenizer, CLIPModel
-        except ModuleNotFoundError as exc:
-            raise RewardError(f"{self.name} needs transformers ({exc})") from None
-        from transformers.utils import logging as hf_logging
 
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in every reward actor's log

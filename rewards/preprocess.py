@@ -9,6 +9,7 @@ normalising, as PIL's uint8 output would be (bicubic overshoots at hard edges).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -76,8 +77,6 @@ class PromptFeatureCache:
     """
 
     def __init__(self, max_size: int = 4096) -> None:
-        from collections import OrderedDict
-
         self.max_size = int(max_size)
         self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
 

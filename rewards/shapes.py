@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from tpdm_rl.toyworld import BACKGROUNDS, COLOURS, IMAGE_SIZE, MAX_OBJECTS, SHAPES, PromptError, parse_prompt
 
@@ -51,7 +52,6 @@ SQUARE_FILL = 0.9
 @dataclass
 class SceneTargets:
     """Parsed prompts as padded tensors: up to MAX_OBJECTS groups per prompt."""
-
     count: torch.Tensor  # [B, G] int64 (0 for padding)
     colour: torch.Tensor  # [B, G] int64
     shape: torch.Tensor  # [B, G] int64
@@ -62,7 +62,6 @@ class SceneTargets:
 @dataclass
 class ShapesAnalysis:
     """What the reward saw: detected objects per (colour, shape) and every constraint's outcome."""
-
     detected: torch.Tensor  # [B, colours, shapes] int64 counts
     background: torch.Tensor  # [B] int64 detected background (-1: none)
     colour_ok: torch.Tensor  # [B, G] bool (False for padding)
@@ -114,8 +113,6 @@ def segment(images: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, to
 
 def detect(colour: torch.Tensor, min_area: int) -> torch.Tensor:
     """Counts of objects per (image, colour, shape) from a [B, H, W] colour-index map: [B, C, S] int64."""
-    from scipy import ndimage
-
     b, h, w = colour.shape
     planes = (colour.unsqueeze(1) == torch.arange(_NC, device=colour.device).reshape(1, -1, 1, 1)).cpu().numpy()
     structure = np.zeros((3, 3, 3, 3), dtype=bool)

@@ -7,12 +7,14 @@ so any SD3-family checkpoint works without a copy of diffusers' model code.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline
 
 from tpdm_rl.utils import DTYPES, resolve_device
 
@@ -24,7 +26,6 @@ class BackboneError(RuntimeError):
 @dataclass
 class StepOutput:
     """One guided transformer call on a batch of latents."""
-
     velocity: torch.Tensor  # [B, C, h, w] guided flow-matching velocity (float32)
     features: torch.Tensor  # [B, F, g, g] pooled block outputs of the conditional branch
     temb: torch.Tensor  # [B, D] timestep/text embedding of the conditional branch
@@ -32,7 +33,6 @@ class StepOutput:
 
 class Backbone:
     """Frozen diffusers ``StableDiffusion3Pipeline`` with the pieces a step-wise sampler needs."""
-
     def __init__(
         self,
         path: str | os.PathLike,
@@ -45,8 +45,6 @@ class Backbone:
         negative_prompt: str = "",
         local_files_only: bool | None = None,
     ) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
         self.path = str(path)
         self.device = resolve_device(device)
         if dtype not in DTYPES:
@@ -147,8 +145,6 @@ class Backbone:
 
     def default_sigmas(self, num_steps: int) -> torch.Tensor:
         """The backbone scheduler's own (shifted) sigmas for ``num_steps`` steps, ending with 0."""
-        import copy
-
         sched = copy.deepcopy(self.pipe.scheduler)
         sched.set_timesteps(num_steps, device="cpu")
         return sched.sigmas.float().cpu()

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from tpdm_rl.checkpoint import load_tpm
 from tpdm_rl.utils import DTYPES
@@ -41,7 +42,6 @@ from .settings import (
 @dataclass
 class TPDMOutput:
     """Images and the schedule each one used."""
-
     images: torch.Tensor  # [B, 3, H, W] float32 in [0, 1], CPU
     sigmas: list[torch.Tensor]  # per image: sigma at every step, then the final 0
     steps: torch.Tensor  # [B] int64 denoising steps
@@ -50,15 +50,12 @@ class TPDMOutput:
 
     def pil(self) -> list:
         """The images as ``PIL.Image`` objects (RGB, 8 bit)."""
-        from PIL import Image
-
         arr = (self.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return [Image.fromarray(a) for a in arr]
 
 
 class TPDMPipeline:
     """A frozen SD3-family backbone sampling with a trained TPM's per-prompt schedule (Beta mode)."""
-
     def __init__(self, backbone: Backbone, policy: torch.nn.Module, settings: dict, tpm_path: str | None = None,
                  batch_size: int = 16) -> None:
         self.backbone = backbone

@@ -11,9 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TINY_HIDDEN = 32  # transformer width = heads * head_dim
 TINY_CLIP_HIDDEN = 16  # two CLIPs concatenated = 32 = T5 d_model = joint_attention_dim
@@ -35,8 +50,6 @@ def byte_symbols() -> list[str]:
 
 
 def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
     symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols:
@@ -50,8 +63,6 @@ def _clip_tokenizer():
 
 
 def _t5_tokenizer():
-    from transformers import T5TokenizerFast
-
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%$#@+=*"
     pieces += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
@@ -65,13 +76,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
     ``sample_size`` is the default image size in pixels; the transformer's positional embedding
     supports up to 4x that.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     latent = sample_size // 8
     gen_state = torch.random.get_rng_state()
@@ -178,8 +182,6 @@ def ensure_tiny_backbone(directory: str | os.PathLike, seed: int = 0, sample_siz
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     make_tiny_backbone(tmp, seed=seed, sample_size=sample_size)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

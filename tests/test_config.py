@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,25 @@ def test_shipped_configs_validate():
 def test_unknown_reward_option_names_the_key():
     with pytest.raises(ConfigError, match=r"rewards\.hpsv2\.chekpoint: unknown option"):
         load_config(None, ["rewards.hpsv2.chekpoint=/x.pt"])
+
+
+def test_every_config_key_is_documented_and_docs_are_current():
+    from tpdm_rl.cli_config import config_reference, markdown_reference
+
+    rows = config_reference()
+    assert len(rows) > 60
+    missing = [r["key"] for r in rows if not r["description"]]
+    assert not missing, missing
+    keys = {r["key"] for r in rows}
+    assert {"rollout.group_size", "distributed.learner.zero_stage", "rewards.<name>.weight", "train.threads"} <= keys
+    bounds = {r["key"]: r["bounds"] for r in rows}
+    assert bounds["rollout.group_size"] == ">= 2" and bounds["policy.init_ratio"] == "> 0.0, < 1.0"
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert doc == markdown_reference(), "docs/config.md is stale: run tpdm-rl config --explain --markdown"
+
+
+def test_config_explain_cli():
+    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "config", "--explain"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("rollout.group_size "))
+    assert "int" in line and "default 8" in line and ">= 2" in line and "GRPO" in line

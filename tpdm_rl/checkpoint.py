@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .policy import TimePredictionModule, TPMSpec
@@ -43,8 +43,6 @@ def read_tpm_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not p.is_file():
         raise CheckpointError(f"TPM weights {str(p)!r} do not exist")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(p))

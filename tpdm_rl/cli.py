@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
+
+import torch
+import yaml
+from diffusers.utils import logging as dlog
+from transformers.utils import logging as tlog
+
+from tpdm_rl.rewards.fixtures import make_all
+from tpdm_rl.rewards.registry import RewardError
+from tpdm_rl.rollout.backbone import BackboneError
+from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
+from tpdm_rl.rollout.toy_backbone import ToyTrainSettings, copy_toy_backbone, train_toy_backbone
+
+from .checkpoint import CheckpointError
+from .cli_config import register as register_config
+from .cli_eval import register
+from .cli_sweep import register as register_sweep
+from .config import ConfigError, load_config
+from .controller import Controller, write_summary
+from .executors.base import FatalRoleError
+from .prompts import PromptFileError
+from .utils import set_threads
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -14,27 +38,20 @@ EXIT_FAIL = 1
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
 
     if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe (and its warning) on CPU machines
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import logging
-    import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*deterministic.*")
     for name in ("diffusers", "transformers", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        from diffusers.utils import logging as dlog
-
         dlog.set_verbosity_error()
         dlog.disable_progress_bar()
     except ImportError:
         pass
     try:
-        from transformers.utils import logging as tlog
-
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
     except ImportError:
@@ -42,18 +59,28 @@ def _quiet_libraries() -> None:
 
 
 def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
-    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
-
     out = make_tiny_backbone(args.dir, seed=args.seed, sample_size=args.size)
     print(f"tiny SD3 backbone written to {out} (seed {args.seed}, {args.size} px)")
     return 0
 
 
+def cmd_make_toy_backbone(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"make-toy-backbone: {str(out)!r} exists and is not an empty folder; choose a new one")
+    if args.train:
+        settings = ToyTrainSettings(seed=args.seed, threads=set_threads(args.threads))
+        t0 = time.perf_counter()
+        train_toy_backbone(out, settings)
+        print(f"toy backbone trained in {time.perf_counter() - t0:.0f} s and written to {out} "
+              f"(loss curve: {out / 'training' / 'loss.png'}, quality: {out / 'training' / 'quality.json'})")
+    else:
+        copy_toy_backbone(out)
+        print(f"toy backbone written to {out} (the shipped, trained one; --train reproduces it)")
+    return 0
+
+
 def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
-    import yaml
-
-    from tpdm_rl.rewards.fixtures import make_all
-
     opts = make_all(args.dir, seed=args.seed)
     print(f"tiny random reward models (real file formats) written to {args.dir}; use them as:")
     print(yaml.safe_dump({"rewards": {k: {"weight": 1.0, **v} for k, v in opts.items()}}, sort_keys=False))
@@ -61,9 +88,6 @@ def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .controller import Controller, write_summary
-
     cfg = load_config(args.config, args.set)
     output = Path(args.output or cfg.output)
     if args.output:
@@ -94,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--seed", type=int, default=0)
     rw.set_defaults(func=cmd_make_tiny_rewards)
 
+    toy = sub.add_parser("make-toy-backbone", help="write the trained toy-world backbone (or train it again)",
+                         description="Writes the toy-world SD3 pipeline that ships with tpdm-rl (seconds), or with "
+                                     "--train reproduces it from scratch (about an hour on 2 CPU cores).")
+    toy.add_argument("dir", help="new (or empty) folder for the diffusers pipeline")
+    toy.add_argument("--train", action="store_true", help="train from scratch instead of copying the shipped one")
+    toy.add_argument("--seed", type=int, default=0, help="training seed (with --train)")
+    toy.add_argument("--threads", type=int, default=0, help="torch threads for training (0: the CPUs available)")
+    toy.set_defaults(func=cmd_make_toy_backbone)
+
     tr = sub.add_parser("train", help="train a TPM")
     tr.add_argument("--config", default=None, help="YAML config (default: built-in tiny defaults)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -102,11 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--address", default=None,
                     help="Ray cluster to join (implies distributed.enabled); default: RAY_ADDRESS or a local instance")
     tr.set_defaults(func=cmd_train)
-    from .cli_eval import register
-    from .cli_sweep import register as register_sweep
 
     register(sub)
     register_sweep(sub)
+    register_config(sub)
     return p
 
 
@@ -114,20 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    from tpdm_rl.rewards.registry import RewardError
-    from tpdm_rl.rollout.backbone import BackboneError
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .executors.base import FatalRoleError
-    from .prompts import PromptFileError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"tpdm-rl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError) as exc:
+    except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"tpdm-rl: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_FAIL
     except FatalRoleError as exc:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from tpdm_rl.rollout.baselines import MethodError, parse_methods
+from tpdm_rl.rollout.pipeline import TPDMPipeline
+
+from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, evaluate, export_tpm
 
 EXIT_USAGE = 2
 
 
 def _usage_errors(func):
     """Report MethodError / bad option values as one line with exit code 2 (no traceback)."""
-
     def wrapped(args: argparse.Namespace) -> int:
-        from tpdm_rl.rollout.baselines import MethodError
-
         try:
             return func(args)
         except (MethodError, _OptionError) as exc:
@@ -46,10 +49,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tpdm_rl.rollout.baselines import parse_methods
-
-    from .evaluation import evaluate
-
     parse_methods(args.methods)  # fail before anything is loaded
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
     for flag, v in (("--seeds", args.seeds), ("--batch-size", args.batch_size),
@@ -63,7 +62,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
                       batch_size=args.batch_size, device=args.device, grid_prompts=args.grid_prompts,
                       progress=not args.no_progress, timing_repeats=args.timing_repeats)
-    from pathlib import Path
 
     print((Path(args.output) / "results.md").read_text())
     print(f"evaluated {report['num_images']} images x {len(report['methods'])} methods in "
@@ -74,10 +72,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @_usage_errors
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tpdm_rl.rollout.pipeline import TPDMPipeline
-
     if args.adaptive is not None and args.adaptive < 0:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
     pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device)
@@ -93,8 +87,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .evaluation import export_tpm
-
     out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval)
     print(f"exported TPM to {out} (tpm.safetensors, tpdm_config.json, README.md)")
     return 0
@@ -102,8 +94,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``eval``, ``sample`` and ``export`` to the ``tpdm-rl`` subcommands."""
-    from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
-
     ck = "checkpoint folder, export folder, run folder or tpm.safetensors file"
     e = subparsers.add_parser("eval", help="compare the TPM with fixed schedules and AdaptiveDiffusion")
     e.add_argument("--checkpoint", required=True, help=ck)

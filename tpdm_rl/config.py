@@ -7,6 +7,7 @@ so a typo in a 40-key file is found at once, before any model is loaded.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,31 +23,40 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 DType = Literal["float32", "bfloat16", "float16"]
 
 
 class BackboneConfig(_Strict):
-    path: str = Field("", description="diffusers SD3 folder or hub id; empty = build the tiny offline backbone")
-    tiny_seed: int = 0
+    """The frozen SD3-family backbone and the TPM's view of it."""
+
+    path: str = Field("", description="diffusers SD3 folder, hub id, builtin:toy (the shipped trained toy "
+                      "backbone), or empty for the tiny random offline backbone")
+    tiny_seed: int = Field(0, description="seed of the tiny random backbone (path empty)")
     tiny_dir: str = Field("", description="where the tiny backbone is built (default: <output>/tiny_backbone)")
-    resolution: int = Field(128, ge=16, le=4096)
-    device: str = "auto"
-    dtype: DType = "float32"
-    guidance_scale: float = Field(4.5, ge=0.0)
-    negative_prompt: str = ""
-    max_sequence_length: int = Field(32, ge=1, le=512)
-    feature_blocks: list[int] = Field(default_factory=lambda: [0, -1], min_length=1)
-    feature_grid: int = Field(8, ge=1, le=128)
-    feature_dtype: DType = "float32"
+    resolution: int = Field(128, ge=16, le=4096, description="image height and width in pixels")
+    device: str = Field("auto", description="torch device of the backbone: auto (cuda when available), cpu, cuda:N")
+    dtype: DType = Field("float32", description="backbone weights and activations dtype")
+    guidance_scale: float = Field(4.5, ge=0.0, description="classifier-free guidance scale (<= 1: no CFG)")
+    negative_prompt: str = Field("", description="the unconditional prompt of CFG")
+    max_sequence_length: int = Field(32, ge=1, le=512, description="T5 tokens per prompt")
+    feature_blocks: list[int] = Field(default_factory=lambda: [0, -1], min_length=1,
+                                      description="transformer blocks whose outputs the TPM reads (negative: "
+                                                  "from the end)")
+    feature_grid: int = Field(8, ge=1, le=128, description="TPM features are average-pooled to grid x grid")
+    feature_dtype: DType = Field("float32", description="dtype of the stored TPM features (bfloat16 halves "
+                                 "rollout memory)")
 
 
 class PolicyConfig(_Strict):
-    hidden: int = Field(64, ge=8)
-    init_ratio: float = Field(0.8, gt=0.0, lt=1.0)
-    init_concentration: float = Field(20.0, gt=2.0)
+    """The Time Prediction Module (TPM)."""
+
+    hidden: int = Field(64, ge=8, description="TPM width (conv channels and MLP)")
+    init_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="mean of the untrained TPM's ratio "
+                              "sigma_next / sigma")
+    init_concentration: float = Field(20.0, gt=2.0, description="alpha + beta of the untrained TPM's Beta")
 
     @model_validator(mode="after")
     def _alpha_beta_above_one(self) -> PolicyConfig:
@@ -58,17 +68,20 @@ class PolicyConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    prompts: str = Field("builtin:train", description=".txt/.jsonl file or builtin:train")
-    prompts_per_iteration: int = Field(4, ge=1)
-    group_size: int = Field(8, ge=2)
-    same_noise_per_group: bool = True
+    """What one iteration generates and how trajectories end."""
+
+    prompts: str = Field("builtin:train", description="training prompts: a .txt/.jsonl file or builtin:NAME")
+    prompts_per_iteration: int = Field(4, ge=1, description="prompt groups per iteration")
+    group_size: int = Field(8, ge=2, description="trajectories per prompt (the GRPO group)")
+    same_noise_per_group: bool = Field(True, description="the trajectories of a group share their initial noise")
     batch_size: int = Field(16, ge=1, description="concurrent trajectory slots per backbone call")
-    continuous_batching: bool = True
-    sigma_max: float = Field(1.0, gt=0.0, le=1.0)
-    sigma_min: float = Field(0.01, gt=0.0, lt=1.0)
-    max_steps: int = Field(28, ge=1, le=1000)
-    reference_steps: int = Field(28, ge=1, le=1000)
-    decode_batch_size: int = Field(16, ge=1)
+    continuous_batching: bool = Field(True, description="a finished trajectory's slot is refilled at once")
+    sigma_max: float = Field(1.0, gt=0.0, le=1.0, description="sigma of the first step")
+    sigma_min: float = Field(0.01, gt=0.0, lt=1.0, description="a trajectory ends when the TPM proposes a sigma "
+                             "below this")
+    max_steps: int = Field(28, ge=1, le=1000, description="step budget per trajectory (the last step is forced)")
+    reference_steps: int = Field(28, ge=1, le=1000, description="steps of the fidelity reward's reference schedule")
+    decode_batch_size: int = Field(16, ge=1, description="images per VAE decode call")
 
 
 class RewardSpec(BaseModel):
@@ -78,111 +91,137 @@ class RewardSpec(BaseModel):
     ``distributed.reward``).
     """
 
-    model_config = ConfigDict(extra="allow")
-    weight: float = 1.0
-    normalize: Literal["none", "running", "group"] = "none"
-    num_workers: int | None = Field(None, ge=1)
-    num_cpus: float | None = Field(None, ge=0.0)
-    num_gpus: float | None = Field(None, ge=0.0)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    weight: float = Field(1.0, description="weight of this component in the total reward")
+    normalize: Literal["none", "running", "group"] = Field("none", description="per-component normalisation "
+                                                           "before weighting")
+    num_workers: int | None = Field(None, ge=1, description="Ray reward workers for this component")
+    num_cpus: float | None = Field(None, ge=0.0, description="CPUs per reward worker of this component")
+    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per reward worker of this component")
 
 
 class PoolConfig(_Strict):
     """A Ray actor pool: how many actors and the resources of each (fractions allowed)."""
 
-    num_workers: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
+    num_workers: int = Field(1, ge=1, description="actors in the pool")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per actor")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor")
 
 
 class RolloutPoolConfig(PoolConfig):
-    num_workers: int = Field(2, ge=1)
-    num_cpus: float = Field(0.5, ge=0.0)
+    num_workers: int = Field(2, ge=1, description="rollout workers (each holds a backbone copy)")
+    num_cpus: float = Field(0.5, ge=0.0, description="CPUs per rollout worker")
 
 
 class RewardPoolConfig(PoolConfig):
-    num_workers: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, ge=0.0)
+    num_workers: int = Field(1, ge=1, description="reward workers per component")
+    num_cpus: float = Field(0.25, ge=0.0, description="CPUs per reward worker")
 
 
 class LearnerGroupConfig(_Strict):
-    num_ranks: int = Field(2, ge=1)
-    num_cpus: float = Field(0.25, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    zero_stage: int = Field(0, ge=0, le=3)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    optimizer: Literal["AdamW", "Adam"] = "AdamW"
+    """The DeepSpeed learner group."""
+
+    num_ranks: int = Field(2, ge=1, description="learner ranks (data parallel)")
+    num_cpus: float = Field(0.25, ge=0.0, description="CPUs per rank")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rank")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend (auto: nccl on "
+                                                     "GPU, gloo on CPU)")
+    optimizer: Literal["AdamW", "Adam"] = Field("AdamW", description="DeepSpeed optimizer type")
 
 
 class DistributedConfig(_Strict):
     """Ray layout. ``enabled: false`` runs the same algorithm in one process (no Ray, no DeepSpeed)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="run the roles as Ray actors (also implied by --address)")
     address: str = Field("", description="Ray cluster address; empty = RAY_ADDRESS or a new local instance")
-    rollout: RolloutPoolConfig = Field(default_factory=RolloutPoolConfig)
-    reward: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
-    learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig)
+    rollout: RolloutPoolConfig = Field(default_factory=RolloutPoolConfig, description="rollout worker pool")
+    reward: RewardPoolConfig = Field(default_factory=RewardPoolConfig, description="reward worker pool (per "
+                                     "component; overridable in rewards.<name>)")
+    learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig, description="DeepSpeed learner group")
     groups_per_task: int = Field(0, ge=0, description="prompt groups per rollout task; 0 = split evenly")
     threads_per_actor: int = Field(1, ge=1, description="torch threads in each actor process")
     max_actor_restarts: int = Field(3, ge=0, description="restarts per actor slot before the run stops")
-    startup_timeout_s: float = Field(900.0, gt=0.0, description="how long actors may wait for resources")
+    startup_timeout_s: float = Field(900.0, gt=0.0, description="how long actors may wait to be placed and start")
 
 
 class StepPenaltyConfig(_Strict):
-    mode: Literal["additive", "discount"] = "additive"
+    """How the number of steps is charged."""
+
+    mode: Literal["additive", "discount", "tpdm"] = Field("additive", description="additive: R - coef * steps; "
+                                                           "discount: R * gamma^steps; tpdm: R * (1 - gamma^N) / "
+                                                           "(N (1 - gamma)) (both only for non-negative rewards)")
     coef: float = Field(1.0, ge=0.0, description="lambda in R - lambda * steps (1.0 suits fidelity in dB)")
-    gamma: float = Field(0.97, gt=0.0, le=1.0, description="discount per step (mode: discount)")
+    gamma: float = Field(0.97, gt=0.0, le=1.0, description="discount per step (modes discount and tpdm)")
 
 
 class AlgorithmConfig(_Strict):
-    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
-    epochs: int = Field(2, ge=1)
-    minibatches: int = Field(2, ge=1)
-    adv_std: Literal["group", "global", "none"] = "group"
-    per_reward_norm: bool = False
-    adv_eps: float = Field(1e-6, gt=0.0)
-    kl_coef: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    """GRPO advantages and the PPO-clip update."""
+
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clip")
+    epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    minibatches: int = Field(2, ge=1, description="optimiser steps per epoch")
+    adv_std: Literal["group", "global", "none"] = Field("group", description="advantage scale: the group's std, "
+                                                         "the batch's std, or none (centre only)")
+    per_reward_norm: bool = Field(False, description="normalise each component (and the steps) within its group "
+                                  "before weighting")
+    adv_eps: float = Field(1e-6, gt=0.0, description="added to the std of the advantage normalisation")
+    kl_coef: float = Field(0.0, ge=0.0, description="weight of KL(TPM || initial TPM) per step")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    """The learner's AdamW."""
+
+    lr: float = Field(1e-3, gt=0.0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
 
 
 class TrainConfig(_Strict):
-    iterations: int = Field(30, ge=1)
-    device: str = "auto"
+    """The run."""
+
+    iterations: int = Field(30, ge=1, description="training iterations")
+    device: str = Field("auto", description="learner device in one process: auto, cpu, cuda:N")
     threads: int = Field(0, ge=0, description="torch threads in the controller process (0: the CPUs available)")
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(5, ge=1)
-    keep_last: int = Field(3, ge=1)
+    """Checkpoints."""
+
+    every: int = Field(5, ge=1, description="iterations between checkpoints (the last one is always saved)")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept")
 
 
 class LoggingConfig(_Strict):
-    tensorboard: bool = True
-    progress: bool = True
-    wandb_project: str = ""
+    """Logs."""
+
+    tensorboard: bool = Field(True, description="write TensorBoard events to <output>/tb")
+    progress: bool = Field(True, description="show a progress bar")
+    wandb_project: str = Field("", description="Weights & Biases project (empty: off)")
 
 
 class Config(_Strict):
-    seed: int = 0
-    deterministic: bool = True
-    output: str = "runs/tiny"
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    rewards: dict[str, RewardSpec] = Field(default_factory=lambda: {"fidelity": RewardSpec()})
-    step_penalty: StepPenaltyConfig = Field(default_factory=StepPenaltyConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """A training run."""
+
+    seed: int = Field(0, description="keys every random draw: prompts, noise, Beta draws, minibatch order")
+    deterministic: bool = Field(True, description="torch deterministic algorithms (bit-for-bit reruns at a fixed "
+                                "thread count)")
+    output: str = Field("runs/tiny", description="run folder (overridden by --output)")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="the frozen backbone")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="the TPM")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="trajectories per iteration")
+    rewards: dict[str, RewardSpec] = Field(default_factory=lambda: {"fidelity": RewardSpec()},
+                                           description="reward components by registry name, each with its weight, "
+                                                       "normalisation, pool size and model options")
+    step_penalty: StepPenaltyConfig = Field(default_factory=StepPenaltyConfig, description="the cost of steps")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="GRPO / PPO")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="the learner's optimiser")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the run")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="metrics and progress")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="the Ray layout")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -193,17 +232,20 @@ class Config(_Strict):
                 reward_class(name)
             except RewardError as exc:
                 raise ValueError(f"rewards.{name}: {exc}") from None
-            for key in spec.model_extra or {}:
+            for key, value in (spec.model_extra or {}).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"rewards.{name}.{key}: {value} is not a finite number")
                 if key not in reward_options(name):
                     raise ValueError(f"rewards.{name}.{key}: unknown option for reward {name!r}; expected one of "
                                      f"{sorted(reward_options(name) | {'weight', 'normalize'})}")
         if self.rollout.sigma_min >= self.rollout.sigma_max:
             raise ValueError("rollout.sigma_min must be below rollout.sigma_max")
-        if self.step_penalty.mode == "discount":
+        if self.step_penalty.mode in ("discount", "tpdm"):
             for name, spec in self.rewards.items():
                 if spec.normalize != "none" or spec.weight < 0 or not reward_class(name).nonnegative:
                     raise ValueError(
-                        f"step_penalty.mode 'discount' multiplies the reward by gamma^steps, which rewards MORE steps "
+                        f"step_penalty.mode {self.step_penalty.mode!r} multiplies the reward by a factor that falls "
+                        "with the steps, which rewards MORE steps "
                         f"when the reward is negative; reward {name!r} (normalize={spec.normalize}, weight={spec.weight}) "
                         "can be negative: use mode 'additive'")
             if self.algorithm.per_reward_norm:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tpdm_rl.rewards.composition import RewardSet
 from tpdm_rl.rollout.rng import derive_key
@@ -25,6 +26,8 @@ from tpdm_rl.rollout.worker import resolve_backbone_path
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_yaml
 from .executors.base import Executor, FatalRoleError
+from .executors.local import LocalExecutor
+from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
 from .messages import RolloutTask
 from .metrics import MetricsLogger
 from .objective import compose_reward, grpo_advantages
@@ -36,7 +39,6 @@ from .utils import FINAL_WINDOW, PhaseTimer, read_metrics, set_threads
 @dataclass
 class IterationPlan:
     """What one iteration generates: N = prompts_per_iteration * group_size trajectories."""
-
     iteration: int
     prompt_indices: list[int]
     prompts: list[str]  # per trajectory
@@ -97,17 +99,13 @@ def step_metrics(steps: torch.Tensor) -> dict[str, float]:
 def make_executor(cfg: Config, backbone_path: str, address: str | None = None) -> Executor:
     """Ray when ``distributed.enabled`` or an address is given, else everything in this process."""
     if cfg.distributed.enabled or address:
-        from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
-
         return RayExecutor(cfg, backbone_path, address if address is not None else cfg.distributed.address)
-    from .executors.local import LocalExecutor
 
     return LocalExecutor(cfg, backbone_path)
 
 
 class Controller:
     """Runs ``cfg.train.iterations`` iterations of the loop on an executor, with checkpoints and metrics."""
-
     def __init__(self, cfg: Config, output: str | Path | None = None, resume: str | None = None,
                  address: str | None = None, executor: Executor | None = None) -> None:
         self.cfg = cfg
@@ -219,8 +217,6 @@ class Controller:
 
     def train(self) -> list[dict]:
         """Run the remaining iterations; returns this call's metrics records."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         records = []
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), total=cfg.train.iterations,

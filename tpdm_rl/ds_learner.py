@@ -15,6 +15,7 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
 
 from .config import AlgorithmConfig, Config, LearnerGroupConfig, OptimConfig
 from .learner import Learner, minibatch_indices
@@ -45,7 +46,6 @@ def ds_config(optim: OptimConfig, algorithm: AlgorithmConfig, group: LearnerGrou
 
 class DeepSpeedLearner(Learner):
     """``Learner`` whose backward/step go through a DeepSpeed engine (gradients all-reduced)."""
-
     def __init__(self, policy: TimePredictionModule, rank: int, world: int, config: dict,
                  algorithm: AlgorithmConfig, seed: int, device: torch.device,
                  reference: TimePredictionModule | None = None) -> None:
@@ -75,8 +75,6 @@ class DeepSpeedLearner(Learner):
         return [p[(p >= self.row_lo) & (p < self.row_lo + n)] - self.row_lo for p in parts]
 
     def _apply(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        import torch.distributed as dist
-
         # one collective: any rank non-finite? and the minibatch's valid steps over all ranks
         local_valid = mask.float().sum()
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(), local_valid]).to(self.device)
@@ -156,7 +154,6 @@ def check_resumable(state: dict | None, zero_stage: int, num_ranks: int) -> str 
 
 class LearnerRank:
     """One rank of the learner group (wrapped with ``ray.remote`` by the Ray trainer)."""
-
     def __init__(self, rank: int, world: int, cfg_json: str, spec: dict, threads: int = 1) -> None:
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
@@ -213,7 +210,5 @@ class LearnerRank:
         return self.learner.state_dict()
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()

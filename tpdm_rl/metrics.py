@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -15,7 +17,6 @@ def _clean(v):
 
 class MetricsLogger:
     """Writes ``DIR/metrics.jsonl`` (flushed every line) and ``DIR/tb/`` events."""
-
     def __init__(self, output: Path, tensorboard: bool = True, wandb_project: str = "", config: dict | None = None,
                  resume_from_iteration: int | None = None) -> None:
         self.path = Path(output) / "metrics.jsonl"
@@ -36,8 +37,6 @@ class MetricsLogger:
         self._tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
                 self._tb = SummaryWriter(str(Path(output) / "tb"))
             except ImportError:
                 self._tb = None

@@ -1,8 +1,9 @@
 """Step-penalised GRPO with a PPO-clipped per-step objective.
 
 Reward of a trajectory: R = sum_c w_c * norm_c(r_c) - lambda * steps (additive penalty, the default),
-or, only when every component is non-negative, R = gamma**steps * sum_c w_c * r_c (the TPDM paper's
-discount: with negative rewards it would *reward* more steps, so the config refuses that combination).
+or, only when every component is non-negative, R = gamma**steps * sum_c w_c * r_c (``discount``) or
+R * (1 - gamma^N) / (N (1 - gamma)) (``tpdm``, the official code's formula): with negative rewards a
+factor that falls with the steps would *reward* more steps, so the config refuses that combination.
 Advantage of a trajectory: (R - mean of its group) / (std + eps); every step of the trajectory gets
 its advantage, and the PPO-clip loss is averaged over the valid steps of a minibatch.
 """
@@ -82,9 +83,19 @@ def compose_reward(components: dict[str, torch.Tensor], weights: dict[str, float
         total = total - float(penalty_coef) * steps
     elif penalty_mode == "discount":
         total = total * float(gamma) ** steps
+    elif penalty_mode == "tpdm":  # the official TPDM code's mean discount over the N steps
+        total = total * tpdm_discount(steps, gamma)
     else:
-        raise ValueError(f"step penalty mode must be 'additive' or 'discount', got {penalty_mode!r}")
+        raise ValueError(f"step penalty mode must be 'additive', 'discount' or 'tpdm', got {penalty_mode!r}")
     return total.float()
+
+
+def tpdm_discount(steps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - gamma^N) / (N (1 - gamma)): the mean of gamma^0..gamma^(N-1), as in the official TPDM code (1 at gamma 1)."""
+    n = steps.double().clamp_min(1.0)
+    if gamma >= 1.0:
+        return torch.ones_like(n)
+    return (1.0 - float(gamma) ** n) / (n * (1.0 - float(gamma)))
 
 
 def grpo_advantages(components: dict[str, torch.Tensor], weights: dict[str, float], steps: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +38,6 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
 
 def _check_reachable(addr: str) -> None:
     """A TCP connect to the GCS address (host:port), so a wrong address fails fast."""
-    import socket
-
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
         raise FatalRoleError(f"Ray address {addr!r} is not HOST:PORT (or 'auto' / ray://...)")
@@ -137,7 +136,6 @@ class Gang:
 @dataclass
 class ActorPool:
     """A fixed number of actor slots; a dead actor is replaced in its slot (up to ``max_restarts``)."""
-
     name: str
     factory: Callable[[int], object]  # slot -> actor handle
     size: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -142,7 +143,6 @@ def _run_tune(out: Path, pending: list[TrialSpec], plan: dict, bundles: dict, ma
 
     # trials keep the job's working directory, so relative paths in the config work as in `train`
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    import logging
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our echo lines replace Tune's status output
 
@@ -216,7 +216,6 @@ def _echo_callback(out: Path, echo):
 
     class EchoCallback(Callback):
         """Prints one line when a trial starts, ends or fails (Tune's own tables are off)."""
-
         def __init__(self, out: Path, echo) -> None:
             self.out, self.echo = out, echo
 

@@ -1,0 +1,131 @@
+"""The package's layers: lower layers never import higher ones; no hidden (function-local) imports.
+
+Layers, bottom to top (README "Layout"):
+0 foundation: config, validated settings and shared helpers, the reward registry, the toy world, RNG
+1 algorithm: policy, objective, typed messages, sampling engine, schedules, flow step, trajectories
+2 roles: backbone, rollout worker, samplers, rewards, learners, checkpoints, metrics, resources
+3 controller and executors
+4 applications: CLI, evaluation, export, sweeps
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_rl.rewards"}
+LAYERS: dict[str, int] = {
+    "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.utils": 0, "tpdm_rl.config": 0, "tpdm_rl.prompts": 0,
+    "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rollout.rng": 0, "tpdm_rl.rewards": 0,
+    "tpdm_rl.rewards.registry": 0,
+    "tpdm_rl.policy": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
+    "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,
+    "tpdm_rl.rollout.adaptive": 1,
+    "tpdm_rl.rollout.backbone": 2, "tpdm_rl.rollout.worker": 2, "tpdm_rl.rollout.baselines": 2,
+    "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.tiny_backbone": 2,
+    "tpdm_rl.rollout.toy_backbone": 2, "tpdm_rl.rollout.random_backbone": 2, "tpdm_rl.rewards.*": 2,
+    "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.metrics": 2,
+    "tpdm_rl.resources": 2,
+    "tpdm_rl.controller": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
+    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4,
+    "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4, "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
+}
+#: the only packages a function may import lazily: optional heavy dependencies
+LAZY_ALLOWED = ("ray", "deepspeed", "open_clip", "wandb")
+
+
+def layer_of(module: str) -> int:
+    if module in LAYERS:
+        return LAYERS[module]
+    parts = module.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) + ".*" in LAYERS:
+            return LAYERS[".".join(parts[:i]) + ".*"]
+    raise AssertionError(f"module {module} has no layer in tests/test_layers.py: classify it")
+
+
+def modules() -> dict[str, tuple[Path, bool]]:
+    """module name -> (file, is_package)."""
+    out = {}
+    for folder, pkg in FOLDERS.items():
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            rel = f.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = (f, rel.name == "__init__")
+    return out
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> list[str]:
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        pkg = module.split(".") if is_pkg else module.split(".")[:-1]
+        pkg = pkg[: len(pkg) - node.level + 1]
+        base = ".".join(pkg + ([node.module] if node.module else []))
+    names = [f"{base}.{a.name}" for a in node.names]
+    return [base] + names
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in ast.walk(node):
+                skip.add(id(sub))
+    return skip
+
+
+def imports_of(module: str, path: Path, is_pkg: bool) -> list[tuple[str, int, bool]]:
+    """(imported module or symbol path, line, inside a function) of every import statement."""
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_nodes(tree)
+    local = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                local.add(id(sub))
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, id(node) in local) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out += [(n, node.lineno, id(node) in local) for n in _resolve(module, is_pkg, node)]
+    return out
+
+
+def test_every_module_has_a_layer():
+    for name in modules():
+        layer_of(name)
+
+
+def test_lower_layers_never_import_higher_ones():
+    mods = modules()
+    bad = []
+    for name, (path, is_pkg) in mods.items():
+        mine = layer_of(name)
+        for target, line, _ in imports_of(name, path, is_pkg):
+            if target in mods and layer_of(target) > mine:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {name} (layer {mine}) imports {target} "
+                           f"(layer {layer_of(target)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_function_local_imports_only_for_optional_heavy_dependencies():
+    bad = []
+    for name, (path, is_pkg) in modules().items():
+        for target, line, local in imports_of(name, path, is_pkg):
+            if local and target.split(".")[0] not in LAZY_ALLOWED:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: imports {target} inside a function")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The walker is not vacuous: an upward import in a lower layer is found."""
+    f = tmp_path / "mod.py"
+    f.write_text("from tpdm_rl.controller import Controller\n\ndef g():\n    import yaml\n")
+    found = imports_of("tpdm_rl.policy", f, False)
+    assert ("tpdm_rl.controller", 1, False) in found and ("yaml", 4, True) in found
+    assert layer_of("tpdm_rl.controller") > layer_of("tpdm_rl.policy")
