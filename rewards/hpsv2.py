@@ -15,7 +15,7 @@ import torch
 
 from .base import RewardModel
 from .checkpoints import load_exact, load_torch_state, one_line, resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, clip_preprocess
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, resize_longest_preprocess
 from .registry import RewardError, register_reward
 
 HPS_HUB_REPO = "xswu/HPSv2"
@@ -82,8 +82,12 @@ class HPSv2Reward(RewardModel):
     Options: ``checkpoint`` (local ``HPS_v2.1_compressed.pt`` / ``HPS_v2_compressed.pt``; when left
     out and ``HF_HUB_OFFLINE`` is unset it is fetched from hub repo ``xswu/HPSv2``), ``version``
     (``v2.0``/``v2.1``, only picks that default file), ``model_name`` (open_clip config name,
-    ``ViT-H-14``, or a path to a ``<name>.json`` open_clip model config). Images are resized (shortest side, bicubic, antialias) and centre-cropped to the
-    model's input size (224) and normalised with the OpenAI CLIP mean/std, on the device, batched.
+    ``ViT-H-14``, or a path to a ``<name>.json`` open_clip model config). Images are preprocessed as
+    the ``hpsv2`` package does (open_clip ``ResizeMaxSize``): the longest side is resized (bicubic,
+    antialias) to the model's input size (224) and the short side zero-padded to a square, so a
+    non-square image is scored whole, not centre-cropped (a square image is simply resized); then
+    clamped to [0, 1] (as the other rewards; the package itself does not clamp its float tensors) and
+    normalised with the OpenAI CLIP mean/std, on the device, batched.
     Text features are cached per prompt (a group of images for one prompt costs one text pass).
     """
 
@@ -123,8 +127,8 @@ class HPSv2Reward(RewardModel):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image features [B, D] for images in [0, 1]."""
-        pixels = clip_preprocess(images, self.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                                 dtype=self.dtype)
+        pixels = resize_longest_preprocess(images, self.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                                           dtype=self.dtype)
         return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     def _score_batch(self, images: torch.Tensor, prompts: Sequence[str],

@@ -2,9 +2,12 @@
 
 Every reward gets float images [B, 3, H, W] in [0, 1]; the reference implementations go through
 PIL (resize the shortest side bicubic, centre crop, ``ToTensor``, normalise). This module does the
-same on the whole batch at once with ``torch.nn.functional.interpolate`` (bicubic, antialias), so
-there is no per-image loop and no trip through the CPU. The result is clamped to [0, 1] before
+same on the whole batch at once with ``torchvision.transforms.v2.functional`` (bicubic, antialias),
+so there is no per-image loop and no trip through the CPU. The result is clamped to [0, 1] before
 normalising, as PIL's uint8 output would be (bicubic overshoots at hard edges).
+
+``resize_longest_and_pad`` is HPSv2's own rule (open_clip's ``ResizeMaxSize``, used by the
+``hpsv2`` package with ``resize_longest_max=True``): longest side to the model size, zero padding.
 """
 
 from __future__ import annotations
@@ -13,58 +16,60 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = InterpolationMode.BICUBIC
 
 
-def resized_size(height: int, width: int, shortest: int) -> tuple[int, int]:
-    """Output (h, w) of resizing the shortest side to ``shortest`` (torchvision ``Resize(int)`` rule)."""
-    if height <= width:
-        return shortest, max(1, int(shortest * width / height))
-    return max(1, int(shortest * height / width)), shortest
+def _pair(size: int | Sequence[int]) -> list[int]:
+    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
 
 
-def resize_shortest(images: torch.Tensor, shortest: int) -> torch.Tensor:
-    """Bicubic (antialiased) resize so that the shortest side is ``shortest``; a no-op when it already is."""
-    h, w = images.shape[-2:]
-    size = resized_size(h, w, shortest)
-    if size == (h, w):
-        return images
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-
-
-def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Centre crop to ``size`` (torchvision's rounding); smaller inputs are zero-padded first."""
-    ch, cw = (size, size) if isinstance(size, int) else size
-    h, w = images.shape[-2:]
-    if h < ch or w < cw:
-        pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
-        images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = images.shape[-2:]
-    top = int(round((h - ch) / 2.0))
-    left = int(round((w - cw) / 2.0))
-    return images[..., top:top + ch, left:left + cw]
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per channel."""
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - m) / s
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+               dtype: torch.dtype | None) -> torch.Tensor:
+    """Clamp to [0, 1] (PIL's uint8 range), normalise, cast to ``dtype`` (default float32)."""
+    x = TF.normalize(images.clamp(0.0, 1.0), [float(m) for m in mean], [float(s) for s in std])
+    return x.to(dtype or torch.float32).contiguous()
 
 
 def clip_preprocess(images: torch.Tensor, size: int, crop: int | tuple[int, int] | None = None,
                     mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Resize shortest side to ``size`` (bicubic, antialias), centre crop ``crop`` (default ``size``),
-    clamp to [0, 1], normalise; computed in float32, returned in ``dtype`` (default float32)."""
-    x = images.float()
-    x = resize_shortest(x, int(size))
-    x = center_crop(x, crop if crop is not None else int(size))
-    x = normalize(x.clamp(0.0, 1.0), mean, std)
-    return x.to(dtype or torch.float32).contiguous()
+    """Resize shortest side to ``size`` (bicubic, antialias), centre crop ``crop`` (default ``size``;
+    zero-padded when larger), clamp to [0, 1], normalise; computed in float32, returned in ``dtype``
+    (default float32)."""
+    x = TF.resize(images.float(), [int(size)], interpolation=BICUBIC, antialias=True)
+    x = TF.center_crop(x, _pair(crop if crop is not None else int(size)))
+    return _normalize(x, mean, std, dtype)
+
+
+def resize_longest_and_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+    """HPSv2's ``ResizeMaxSize(size, fill)`` on a batch [..., H, W]: bicubic (antialias) resize so that
+    the longest side is ``size`` (other side ``round(side * size / longest)``), then pad with ``fill``
+    to ``size`` x ``size``: ``pad_w // 2`` left, ``pad_h // 2`` top, the rest right / bottom.
+
+    Unlike the original, an image whose longest side already is ``size`` is still padded to a square
+    (the original returns it unpadded, which the model cannot take)."""
+    h, w = images.shape[-2:]
+    scale = int(size) / float(max(h, w))
+    new_h, new_w = (max(1, round(dim * scale)) for dim in (h, w))
+    if (new_h, new_w) != (h, w):
+        images = TF.resize(images, [new_h, new_w], interpolation=BICUBIC, antialias=True)
+    pad_h, pad_w = int(size) - new_h, int(size) - new_w
+    if pad_h or pad_w:
+        images = TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=fill)
+    return images
+
+
+def resize_longest_preprocess(images: torch.Tensor, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                              std: Sequence[float] = OPENAI_CLIP_STD, fill: float = 0.0,
+                              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``resize_longest_and_pad`` (computed in float32), clamp to [0, 1], normalise, cast to ``dtype``.
+    For square images this equals ``clip_preprocess(images, size, ...)`` exactly."""
+    return _normalize(resize_longest_and_pad(images.float(), int(size), fill), mean, std, dtype)
 
 
 class PromptFeatureCache:

@@ -7,16 +7,25 @@ Method strings (``parse_method``):
     :class:`~rollout.engine.SamplingEngine` (identical to ``StableDiffusion3Pipeline`` with
     ``num_inference_steps=N`` for the same seed).
 ``adaptive:THRESHOLD[:MAX_SKIP]`` (defaults 0.01 and 4)
-    AdaptiveDiffusion (Ye et al., NeurIPS 2024) on top of the default ``base_steps``-step table:
-    at every step each sample decides on its own whether to call the transformer or to reuse its
-    previous velocity (see :func:`adaptive_skip_mask`). The transformer runs only on the samples
-    that need a call at this step (the batch is indexed with a mask), so NFE differs per sample.
+    AdaptiveDiffusion (Ye et al., NeurIPS 2024) on top of the default ``base_steps``-step table,
+    with the authors' decision rule (:class:`~rollout.adaptive.OfficialSkipRule`: steps 0-3 always
+    call, the third-order test on d_k, d_{k-1}, d_{k-2}, their consecutive-skip cap). At every step
+    each sample decides on its own, exactly as it would in a batch of one, whether to call the
+    transformer or to reuse its previous velocity. The transformer runs only on the samples that
+    need a call at this step (the batch is indexed with a mask), so NFE differs per sample.
+``adaptive-legacy:THRESHOLD[:MAX_SKIP]`` (same defaults)
+    The same sampler with this project's earlier rule (:class:`~rollout.adaptive.LegacySkipRule`:
+    may skip from step 3 on, every run of skips capped at MAX_SKIP), kept for comparison.
 ``tpm``
     The trained TPM's schedule with the Beta mode (``TPMSchedule(mode="mode")`` in the engine).
 ``tpm+adaptive:THRESHOLD[:MAX_SKIP]``
     The TPM's schedule with the same skipping on top. On a skipped step the sample reuses its
     previous velocity AND its previous TPM ratio decision (sigma_next = r_prev * sigma): the TPM
     reads the transformer's features, which do not exist on a skipped step.
+``tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP]``
+    The same with the legacy rule.
+
+MAX_SKIP = 0 turns skipping off for either rule.
 
 Accounting is the engine's (see ``rollout/engine.py``): the terminal step goes to sigma 0 with the
 velocity at hand, so a run of S steps makes S transformer calls, minus the skipped ones. NFE counts
@@ -32,16 +41,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adaptive import latent_change, legacy_skip_mask, make_skip_rule
 from .backbone import Backbone
 from .engine import SamplingEngine
 from .flow import euler_step, terminal
 from .rng import keyed_normal_noise
 from .schedules import FixedSchedule, TPMSchedule
 
-METHOD_FORMS = "fixed:N, adaptive:THRESHOLD[:MAX_SKIP], tpm, tpm+adaptive:THRESHOLD[:MAX_SKIP]"
+METHOD_FORMS = ("fixed:N, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
+                "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP]")
+SKIPPING_KINDS = ("adaptive", "adaptive-legacy", "tpm+adaptive", "tpm+adaptive-legacy")
 DEFAULT_THRESHOLD = 0.01
 DEFAULT_MAX_SKIP = 4
-WARMUP_STEPS = 3  # AdaptiveDiffusion never skips during the first 3 steps
+
+#: the legacy rule under its old name (``adaptive:`` now uses :class:`~rollout.adaptive.OfficialSkipRule`)
+adaptive_skip_mask = legacy_skip_mask
 
 
 class MethodError(ValueError):
@@ -52,7 +66,7 @@ class MethodError(ValueError):
 class Method:
     """A parsed sampling method."""
 
-    kind: str  # "fixed" | "adaptive" | "tpm" | "tpm+adaptive"
+    kind: str  # "fixed" | "tpm" | one of SKIPPING_KINDS
     steps: int = 0  # fixed:N
     threshold: float = DEFAULT_THRESHOLD
     max_skip: int = DEFAULT_MAX_SKIP
@@ -72,7 +86,12 @@ class Method:
 
     @property
     def skips(self) -> bool:
-        return self.kind.endswith("adaptive")
+        return self.kind in SKIPPING_KINDS
+
+    @property
+    def legacy(self) -> bool:
+        """True for the ``*-legacy`` kinds (the earlier skip rule)."""
+        return self.kind.endswith("-legacy")
 
     def __str__(self) -> str:
         return self.name
@@ -84,7 +103,7 @@ def _bad(text: str, why: str) -> MethodError:
 
 
 def parse_method(text: str) -> Method:
-    """``fixed:28`` / ``adaptive:0.01[:4]`` / ``tpm`` / ``tpm+adaptive:0.01[:4]`` -> :class:`Method`."""
+    """``fixed:28`` / ``adaptive[-legacy]:0.01[:4]`` / ``tpm`` / ``tpm+adaptive[-legacy]:0.01[:4]`` -> Method."""
     raw = str(text)
     s = raw.strip().lower().replace(" ", "")
     if not s:
@@ -101,7 +120,7 @@ def parse_method(text: str) -> Method:
         if not 1 <= n <= 1000:
             raise _bad(raw, "N must be in 1..1000")
         return Method("fixed", steps=n)
-    if head in ("adaptive", "tpm+adaptive"):
+    if head in SKIPPING_KINDS:
         parts = rest.split(":") if rest else []
         if len(parts) > 2:
             raise _bad(raw, "too many ':' fields")
@@ -132,25 +151,6 @@ def parse_methods(text: str | list[str]) -> list[Method]:
     if not out:
         raise _bad(str(text), "no method given")
     return out
-
-
-# ---------------------------------------------------------------------------- the decision rule
-def adaptive_skip_mask(d_curr: torch.Tensor, d_prev: torch.Tensor, d_prev2: torch.Tensor,
-                       consecutive_skips: torch.Tensor, step: int | torch.Tensor, threshold: float,
-                       max_skip: int, warmup: int = WARMUP_STEPS) -> torch.Tensor:
-    """AdaptiveDiffusion's third-order rule, vectorised over samples: True = skip the call at ``step``.
-
-    At 0-based step k the sampler holds latents x_0..x_k; with d_j = mean|x_j - x_{j-1}| per sample,
-    ``d_curr`` = d_k, ``d_prev`` = d_{k-1}, ``d_prev2`` = d_{k-2}. The transformer call at step k is
-    replaced by the previous velocity when ``|(d_k + d_{k-2}) / 2 - d_{k-1}| <= threshold * d_{k-1}``,
-    never during the first ``warmup`` (3) steps, and never after ``max_skip`` consecutive skips
-    (``consecutive_skips`` counts the reuses immediately before this step).
-    """
-    third = ((d_curr + d_prev2) * 0.5 - d_prev).abs()
-    smooth = third <= threshold * d_prev
-    step_t = torch.as_tensor(step, device=d_curr.device)
-    finite = torch.isfinite(d_curr) & torch.isfinite(d_prev) & torch.isfinite(d_prev2)
-    return smooth & finite & (step_t >= warmup) & (consecutive_skips.to(d_curr.device) < max_skip)
 
 
 # ---------------------------------------------------------------------------- results
@@ -201,7 +201,7 @@ class BaselineSampler:
 
     def _tpm_schedule(self) -> TPMSchedule:
         if self.policy is None:
-            raise MethodError("methods 'tpm' and 'tpm+adaptive' need a trained TPM (pass --checkpoint)")
+            raise MethodError("methods 'tpm' and 'tpm+adaptive[-legacy]' need a trained TPM (pass --checkpoint)")
         return TPMSchedule(self.policy, self.sigma_min, mode="mode", feature_dtype=self.feature_dtype)
 
     def run(self, method: Method | str, prompts: list[str], noise_seeds: list[int], decode: bool = True,
@@ -272,9 +272,7 @@ class BaselineSampler:
         v = torch.zeros_like(x)
         sigma = torch.full((n,), sigma0, dtype=torch.float32)
         ratio = torch.zeros(n, dtype=torch.float32)
-        nan = torch.full((n,), float("nan"), device=dev)
-        d1, d2, d3 = nan.clone(), nan.clone(), nan.clone()  # d_k, d_{k-1}, d_{k-2}
-        skips = torch.zeros(n, dtype=torch.int64)
+        rule = make_skip_rule(m.legacy, thr, m.max_skip).init(n, dev)
         nfe = torch.zeros(n, dtype=torch.int64)
         steps = torch.zeros(n, dtype=torch.int64)
         active = torch.ones(n, dtype=torch.bool)
@@ -285,7 +283,7 @@ class BaselineSampler:
         for k in range(max_steps):
             if not bool(active.any()):
                 break
-            skip = adaptive_skip_mask(d1, d2, d3, skips, k, thr, m.max_skip).cpu() & active
+            skip = rule.decide().cpu() & active
             call = active & ~skip
             idx = torch.nonzero(call).reshape(-1)
             if idx.numel():
@@ -299,16 +297,12 @@ class BaselineSampler:
                                          torch.zeros(idx.numel(), dtype=torch.int64))
                     ratio[idx] = prop.action.float().cpu()
             nfe += call.to(torch.int64)
-            skips = torch.where(skip, skips + 1, torch.zeros_like(skips))
             nxt = ratio * sigma if table is None else table[k + 1].expand(n)
             done, _, target = terminal(nxt, sigma_min, torch.full((n,), k + 1 >= max_steps))
             done &= active
             a_dev = active.to(dev)
             x_new = euler_step(x, v, sigma, target)
-            dk = (x_new - x).abs().flatten(1).mean(1)
-            d3 = torch.where(a_dev, d2, d3)
-            d2 = torch.where(a_dev, d1, d2)
-            d1 = torch.where(a_dev, dk, d1)
+            rule.observe(latent_change(x_new, x), call, active)
             x = torch.where(a_dev.reshape(-1, 1, 1, 1), x_new, x)
             sig_hist[active, k + 1] = target[active]
             call_hist[:, k] = call

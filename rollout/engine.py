@@ -95,7 +95,7 @@ class SamplingEngine:
             prop = schedule.propose(feats, out.temb, sig[act], stp[act], sample_keys[traj])
             sigma_now = sig[act]
             at_budget = stp[act] + 1 >= max_steps
-            done, below, target = terminal(prop.sigma_next.float().cpu(), schedule.sigma_min, at_budget)
+            done, _, target = terminal(prop.sigma_next.float().cpu(), schedule.sigma_min, at_budget)
             new_lat = euler_step(lat[act.to(dev)], out.velocity, sigma_now, target)
             rows["traj"].append(traj)
             rows["step"].append(stp[act].clone())
@@ -103,7 +103,9 @@ class SamplingEngine:
             rows["sigma_next"].append(target)
             rows["action"].append(prop.action.float().cpu())
             rows["logp"].append(prop.logp.float().cpu())
-            rows["valid"].append(~(at_budget & ~below))
+            # a step forced by the budget is masked whatever its action was: keeping it only when the sampled
+            # ratio happened to fall below sigma_min would select samples by their own action (a biased term)
+            rows["valid"].append(~at_budget)
             if record_feats:
                 rows["features"].append(feats.cpu())
                 rows["temb"].append(out.temb.cpu())

@@ -88,6 +88,21 @@ def test_max_steps_forces_the_last_step_and_masks_it(backbone, varied_tpm):
     assert not tr.valid[last].any() and tr.valid[~last].all()
 
 
+def test_forced_step_is_masked_whatever_its_action(backbone):
+    """The budget step is masked even when its own proposal fell below sigma_min (keeping exactly those
+    would select samples by their action); a step that ends below sigma_min before the budget counts."""
+    prompts, seeds, keys = _requests(2)
+    forced = FixedSchedule(torch.tensor([1.0, 0.5, 0.001]))  # step 1 proposes 0.001 < sigma_min = budget step
+    forced.sigma_min = 0.01
+    tr = SamplingEngine(backbone, 64, 64, batch_size=2, max_steps=2).run(prompts, seeds, keys, forced)
+    assert tr.steps.tolist() == [2, 2]
+    assert tr.valid.tolist() == [True, False, True, False]
+    early = FixedSchedule(torch.tensor([1.0, 0.001]))  # ends below sigma_min at step 0, budget 5
+    early.sigma_min = 0.01
+    tr = SamplingEngine(backbone, 64, 64, batch_size=2, max_steps=5).run(prompts, seeds, keys, early)
+    assert tr.steps.tolist() == [1, 1] and tr.valid.all()
+
+
 def test_fixed_schedule_reproduces_diffusers_pipeline(backbone):
     from tpdm_rl.rollout.rng import keyed_normal_noise
 

@@ -56,6 +56,31 @@ def ref_pixels(images: torch.Tensor, size: int, mean=OPENAI_MEAN, std=OPENAI_STD
     return TF.normalize(x, list(mean), list(std))
 
 
+def resize_max_size_ref(image: torch.Tensor, max_size: int, fill: float = 0.0) -> torch.Tensor:
+    """HPSv2's ``ResizeMaxSize.forward`` (hpsv2/src/open_clip/transform.py, applied after ``ToTensor``)
+    on one [3, H, W] tensor, with torchvision's v1 functional API as there."""
+    import torchvision.transforms.functional as TF
+
+    height, width = image.shape[1:]
+    scale = max_size / float(max(height, width))
+    if scale != 1.0:
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        image = TF.resize(image, list(new_size), TF.InterpolationMode.BICUBIC)
+        pad_h = max_size - new_size[0]
+        pad_w = max_size - new_size[1]
+        image = TF.pad(image, padding=[pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=fill)
+    return image
+
+
+def hps_ref_pixels(images: torch.Tensor, size: int, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """HPSv2's evaluation transform image by image (ResizeMaxSize, Normalize), clamped to [0, 1]
+    before normalising like every reward here."""
+    import torchvision.transforms.functional as TF
+
+    x = torch.stack([resize_max_size_ref(im, size) for im in images]).clamp(0, 1)
+    return TF.normalize(x, list(mean), list(std))
+
+
 # ---------------------------------------------------------------------------------------------
 # scores against independent references
 
@@ -70,7 +95,7 @@ def test_hpsv2_matches_open_clip(tiny, models, images) -> None:
     model.load_state_dict(torch.load(opts["checkpoint"], map_location="cpu", weights_only=True)["state_dict"])
     tokens = open_clip.get_tokenizer(name)(PROMPTS)
     with torch.no_grad():
-        img, txt, _ = model(ref_pixels(images, 32), tokens)  # both L2-normalised
+        img, txt, _ = model(hps_ref_pixels(images, 32), tokens)  # both L2-normalised; 48x40: padded
     want = (img * txt).sum(-1)
     got = models["hpsv2"].score(images, PROMPTS)
     assert got.dtype == torch.float32 and got.shape == (len(PROMPTS),)
@@ -355,17 +380,119 @@ def test_wrong_image_shape(models, name) -> None:
 # helpers
 
 
-def test_preprocess_matches_torchvision() -> None:
-    import torchvision.transforms.functional as TF
-    from tpdm_rl.rewards.preprocess import center_crop, clip_preprocess, resized_size
+def old_clip_preprocess(images: torch.Tensor, size: int, crop=None, mean=OPENAI_MEAN, std=OPENAI_STD,
+                        dtype=None) -> torch.Tensor:
+    """The previous hand-written preprocessing (before torchvision.transforms.v2), kept verbatim as a
+    reference: resize the shortest side (int(size * long / short)) with ``F.interpolate`` bicubic
+    antialias, centre crop (zero-padded when too small), clamp, normalise."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    shape = (size, max(1, int(size * w / h))) if h <= w else (max(1, int(size * h / w)), size)
+    if shape != (h, w):
+        x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
+    ch, cw = (size, size) if crop is None else ((crop, crop) if isinstance(crop, int) else crop)
+    h, w = x.shape[-2:]
+    if h < ch or w < cw:
+        pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
+        x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        h, w = x.shape[-2:]
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    x = x[..., top:top + ch, left:left + cw].clamp(0.0, 1.0)
+    m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - m) / s).to(dtype or torch.float32).contiguous()
 
-    for h, w in ((48, 40), (40, 48), (33, 97), (32, 32), (500, 224)):
-        x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
-        assert resized_size(h, w, 32) == tuple(TF.resize(x, 32, antialias=True).shape[-2:])
-        torch.testing.assert_close(center_crop(x, 24), TF.center_crop(x, [24, 24]), atol=0, rtol=0)
+
+def smooth_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Photo-like images (no pixel-level hard edges): random 8x8 colours, bilinearly upsampled."""
+    low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+
+
+PREPROCESS_SHAPES = ((512, 512), (300, 500), (500, 300), (48, 40), (33, 97), (500, 224), (20, 20))
+
+
+def test_clip_preprocess_equals_previous_implementation() -> None:
+    from tpdm_rl.rewards.preprocess import clip_preprocess
+
+    for h, w in PREPROCESS_SHAPES:
+        x = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        for size, crop in ((224, None), (32, None), (32, (24, 28)), (32, 40)):
+            got = clip_preprocess(x, size, crop)
+            want = old_clip_preprocess(x, size, crop)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert (got - want).abs().max().item() == 0.0, (h, w, size, crop)  # measured: exactly 0.0
         torch.testing.assert_close(clip_preprocess(x, 32), ref_pixels(x, 32), atol=1e-5, rtol=0)
+        got = clip_preprocess(x, 32, dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, old_clip_preprocess(x, 32, dtype=torch.bfloat16))
     same = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(clip_preprocess(same, 32, mean=(0, 0, 0), std=(1, 1, 1)), same, atol=0, rtol=0)
+
+
+def test_clip_preprocess_close_to_pil() -> None:
+    """open_clip / HF's PIL path: uint8 image, PIL bicubic resize of the shortest side, centre crop."""
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+    from tpdm_rl.rewards.preprocess import clip_preprocess
+
+    pil_transform = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                               T.ToTensor()])
+    for h, w in ((512, 512), (300, 500)):
+        u8 = (smooth_images(3, h, w, seed=h + w) * 255).round().to(torch.uint8)
+        want = torch.stack([pil_transform(Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).numpy())))
+                            for im in u8])
+        got = clip_preprocess(u8.float() / 255, 224, mean=(0, 0, 0), std=(1, 1, 1))
+        diff = (got - want).abs()
+        # PIL rounds to uint8 (also between its two separable passes): measured max 1.06/255, mean 0.28/255
+        assert diff.max().item() <= 1.5 / 255, (h, w, diff.max().item() * 255)
+        assert diff.mean().item() <= 0.4 / 255, (h, w, diff.mean().item() * 255)
+
+
+def test_resize_longest_and_pad_matches_hpsv2_resize_max_size() -> None:
+    from tpdm_rl.rewards.preprocess import resize_longest_and_pad
+
+    for h, w in PREPROCESS_SHAPES + ((40, 48), (97, 33)):
+        x = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(h * w + 1))
+        for size, fill in ((224, 0.0), (32, 0.0), (32, 0.5)):
+            got = resize_longest_and_pad(x, size, fill)
+            want = torch.stack([resize_max_size_ref(im, size, fill) for im in x])
+            assert got.shape == want.shape == (3, 3, size, size)
+            assert (got - want).abs().max().item() == 0.0, (h, w, size, fill)  # measured: exactly 0.0
+    # 300x500 -> 134x224 (134.4 rounds down), 45 padded rows above and below
+    x = torch.rand(2, 3, 300, 500, generator=torch.Generator().manual_seed(3))
+    got = resize_longest_and_pad(x, 224, fill=0.25)
+    assert (got[..., :45, :] == 0.25).all() and (got[..., 179:, :] == 0.25).all()
+    assert not (got[..., 45, :] == 0.25).all() and not (got[..., 178, :] == 0.25).all()
+    # longest side already the model size: still padded to a square (ResizeMaxSize would leave 32x20)
+    x = torch.rand(1, 3, 32, 20, generator=torch.Generator().manual_seed(4))
+    got = resize_longest_and_pad(x, 32, fill=0.0)
+    assert got.shape == (1, 3, 32, 32) and torch.equal(got[..., 6:26], x)
+    assert (got[..., :6] == 0).all() and (got[..., 26:] == 0).all()
+
+
+def test_hpsv2_square_images_score_as_before(models) -> None:
+    from tpdm_rl.rewards.preprocess import clip_preprocess, resize_longest_preprocess
+
+    reward = models["hpsv2"]
+    for side in (32, 48, 20, 512):
+        x = torch.rand(len(PROMPTS), 3, side, side, generator=torch.Generator().manual_seed(side))
+        old = old_clip_preprocess(x, reward.image_size)
+        assert torch.equal(resize_longest_preprocess(x, reward.image_size), old), side
+        with torch.no_grad():
+            feats = F.normalize(reward.model.encode_image(old).float(), dim=-1)
+            want = (feats * reward.text_features(PROMPTS)).sum(-1)
+        got = reward.score(x, PROMPTS)
+        assert (got - want).abs().max().item() == 0.0, side
+    # non-square: the official rule (pad), not the previous one (crop)
+    x = torch.rand(len(PROMPTS), 3, 30, 50, generator=torch.Generator().manual_seed(5))
+    padded = resize_longest_preprocess(x, reward.image_size)
+    torch.testing.assert_close(padded, hps_ref_pixels(x, reward.image_size), atol=0, rtol=0)
+    assert (padded - clip_preprocess(x, reward.image_size)).abs().max() > 1.0
+    with torch.no_grad():
+        feats = F.normalize(reward.model.encode_image(padded).float(), dim=-1)
+        want = (feats * reward.text_features(PROMPTS)).sum(-1)
+    assert (reward.score(x, PROMPTS) - want).abs().max().item() == 0.0
 
 
 def test_load_torch_state_formats(tmp_path) -> None:

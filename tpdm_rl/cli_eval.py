@@ -100,8 +100,8 @@ def register(subparsers) -> None:
     e.add_argument("--prompts", default="builtin:eval", help=".txt/.jsonl file or builtin:eval (default)")
     e.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: fixed:N, adaptive:THRESHOLD[:MAX_SKIP], tpm, "
-                        f"tpm+adaptive:THRESHOLD[:MAX_SKIP] (default {DEFAULT_METHODS}); fixed:28 is always run "
-                        "as the reference")
+                        "tpm+adaptive:THRESHOLD[:MAX_SKIP], and adaptive-legacy / tpm+adaptive-legacy (the "
+                        f"earlier skip rule) (default {DEFAULT_METHODS}); fixed:28 is always run as the reference")
     e.add_argument("--rewards", default="fidelity",
                    help="comma-separated reward names (options from the checkpoint's config.yaml); fidelity "
                         "(PSNR vs fixed:28) is always reported")
