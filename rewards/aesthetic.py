@@ -67,6 +67,8 @@ class AestheticReward(RewardModel):
     embeddings. The MLP input width must equal the CLIP embedding width.
     """
 
+    unit = "score, about 1-10"
+
     def __init__(self, checkpoint: str | None = None, clip_checkpoint: str | None = None,
                  clip_model_name: str = "ViT-L-14-quickgelu", device="auto", dtype="auto",
                  batch_size: int = 32) -> None:

@@ -22,6 +22,7 @@ class RewardModel(ABC):
     name: str = "reward"
     needs_reference: bool = False  # True: score() also needs reference images (same shape)
     nonnegative: bool = False  # True: scores can never be negative (allows the gamma^k discount)
+    unit: str = ""  # what a score is measured in, for summaries
 
     def __init__(self, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
                  batch_size: int = 32) -> None:

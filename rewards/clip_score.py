@@ -19,6 +19,8 @@ class CLIPScoreReward(HFCLIPReward):
     torchmetrics' default); ``processor``: folder with its tokenizer / preprocessor config when the
     model folder lacks them. Never negative (the clamp at 0 is part of the definition)."""
 
+    unit = "cosine"
+
     nonnegative = True
     hub_hint = "hub repo openai/clip-vit-large-patch14 (or another CLIP), downloaded to a local folder"
 

@@ -24,6 +24,8 @@ class FidelityReward(RewardModel):
     28-step image with fewer steps. Non-negative (MSE of [0, 1] images is at most 1).
     """
 
+    unit = "dB"
+
     needs_reference = True
     nonnegative = True
 

@@ -91,6 +91,8 @@ class HPSv2Reward(RewardModel):
     Text features are cached per prompt (a group of images for one prompt costs one text pass).
     """
 
+    unit = "cosine"
+
     text_cache_size = 4096
 
     def __init__(self, checkpoint: str | None = None, version: str = "v2.1", model_name: str = "ViT-H-14",

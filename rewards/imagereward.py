@@ -139,6 +139,8 @@ class ImageRewardReward(RewardModel):
     ``bert-base-uncased`` from the local Hugging Face cache). Text is padded/truncated to 35 tokens.
     """
 
+    unit = "z-score"
+
     def __init__(self, checkpoint: str | None = None, med_config: str | None = None,
                  tokenizer: str = "bert-base-uncased", device="auto", dtype="auto", batch_size: int = 32) -> None:
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)

@@ -134,6 +134,8 @@ class PickScoreReward(HFCLIPReward):
     ``processor``: local copy of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (its tokenizer and
     preprocessor config) when the model folder has no tokenizer."""
 
+    unit = "scaled cosine"
+
     hub_hint = ("hub repo yuvalkirstain/PickScore_v1 (processor: laion/CLIP-ViT-H-14-laion2B-s32B-b79K), "
                 "downloaded to a local folder")
 

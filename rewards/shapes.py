@@ -207,6 +207,8 @@ class ShapesReward(RewardModel):
     ``score_details`` adds ``exact`` (1 when every constraint holds) for logging; it is not rewarded.
     """
 
+    unit = "fraction"
+
     nonnegative = True
 
     def __init__(self, device="cpu", dtype="float32", batch_size: int = 512, max_distance: float = 64.0,

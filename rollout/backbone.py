@@ -8,6 +8,8 @@ so any SD3-family checkpoint works without a copy of diffusers' model code.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,23 +18,49 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 
-from tpdm_rl.utils import DTYPES, resolve_device
+from tpdm_rl.utils import DTYPES, resolve_device, warn
 
 
 class BackboneError(RuntimeError):
     """The backbone could not be loaded or used (one-line message naming the path / value)."""
 
 
+def null_components(directory: str | os.PathLike) -> dict[str, None]:
+    """``{name: None}`` for the components a pipeline folder's model_index.json leaves out (null).
+
+    diffusers' ``from_pretrained`` refuses a folder whose required component is null (here
+    ``text_encoder_3``/``tokenizer_3`` of a ``no_t5`` build) unless the caller passes it as None, as in
+    diffusers' own "drop T5" recipe: ``StableDiffusion3Pipeline.from_pretrained(dir, **null_components(dir))``.
+    """
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value[:1] == [None]}
+
+
 @dataclass
 class StepOutput:
     """One guided transformer call on a batch of latents."""
+
     velocity: torch.Tensor  # [B, C, h, w] guided flow-matching velocity (float32)
-    features: torch.Tensor  # [B, F, g, g] pooled block outputs of the conditional branch
-    temb: torch.Tensor  # [B, D] timestep/text embedding of the conditional branch
+    features: torch.Tensor  # [B, F, g, g] pooled TPM input features
+    temb: torch.Tensor  # [B, D] timestep/text embedding
+
+
+#: what the TPM reads: ``blocks`` = the outputs of ``feature_blocks`` from the conditional CFG branch;
+#: ``paper`` = the official TPDM inputs, the output of ``pos_embed`` and of ``norm_out`` and ``temb``,
+#: each combined across the CFG branches like the velocity (uncond + s * (cond - uncond))
+FEATURE_SOURCES = ("blocks", "paper")
 
 
 class Backbone:
-    """Frozen diffusers ``StableDiffusion3Pipeline`` with the pieces a step-wise sampler needs."""
+    """Frozen diffusers ``StableDiffusion3Pipeline`` with the pieces a step-wise sampler needs.
+
+    Timesteps go into the transformer in float32 (as diffusers' pipeline passes them), whatever the
+    backbone dtype: 1000 * sigma in bf16 would lose its fraction (760.74 -> 760). Prompt embeddings are
+    cached on the CPU; ``offload_text_encoders`` moves the text encoders off the accelerator once a
+    run's prompts are encoded.
+    """
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -44,11 +72,15 @@ class Backbone:
         max_sequence_length: int = 77,
         negative_prompt: str = "",
         local_files_only: bool | None = None,
+        feature_source: str = "blocks",
+        compile: bool = False,
     ) -> None:
         self.path = str(path)
         self.device = resolve_device(device)
         if dtype not in DTYPES:
             raise BackboneError(f"backbone dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if feature_source not in FEATURE_SOURCES:
+            raise BackboneError(f"feature source {feature_source!r} is not one of {FEATURE_SOURCES}")
         self.dtype = DTYPES[dtype]
         is_local = Path(self.path).exists()
         if not is_local and (os.environ.get("HF_HUB_OFFLINE") == "1" or local_files_only):
@@ -60,8 +92,8 @@ class Backbone:
             raise BackboneError(f"backbone path {self.path!r} has no model_index.json: not a diffusers pipeline folder")
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(
-                self.path, dtype=self.dtype, local_files_only=bool(local_files_only) or is_local
-            )
+                self.path, dtype=self.dtype, local_files_only=bool(local_files_only) or is_local,
+                **(null_components(self.path) if is_local else {}))
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackboneError(f"cannot load backbone from {self.path!r}: {msg}") from exc
@@ -85,32 +117,37 @@ class Backbone:
             if not -n_blocks <= b < n_blocks:
                 raise BackboneError(f"feature block {b} out of range for a transformer with {n_blocks} blocks")
             blocks.append(b % n_blocks)
-        self.feature_blocks = tuple(blocks)
+        self.feature_source = feature_source
+        self.feature_blocks = tuple(blocks) if feature_source == "blocks" else ()
         self.feature_grid = int(feature_grid)
         self.hidden_size = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
-        self.feature_channels = self.hidden_size * len(self.feature_blocks)
+        self.feature_channels = self.hidden_size * (len(self.feature_blocks) if feature_source == "blocks" else 2)
         self.temb_dim = self.hidden_size
-        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU, backbone dtype
+        self._text_device = self.device
         self._captured: dict[str, torch.Tensor] = {}
         self._capture = False
         self._hooks = []
-        for b in self.feature_blocks:
-            self._hooks.append(self.transformer.transformer_blocks[b].register_forward_hook(
-                self._block_hook(b), with_kwargs=True))
-        self._hooks.append(self.transformer.time_text_embed.register_forward_hook(self._temb_hook))
+        if feature_source == "blocks":
+            for b in self.feature_blocks:
+                self._hooks.append(self.transformer.transformer_blocks[b].register_forward_hook(
+                    self._capture_hook(f"block{b}", tuple_index=1), with_kwargs=True))
+        else:
+            self._hooks.append(self.transformer.pos_embed.register_forward_hook(self._capture_hook("pos_embed"),
+                                                                                with_kwargs=True))
+            self._hooks.append(self.transformer.norm_out.register_forward_hook(self._capture_hook("norm_out"),
+                                                                               with_kwargs=True))
+        self._hooks.append(self.transformer.time_text_embed.register_forward_hook(self._capture_hook("temb"),
+                                                                                  with_kwargs=True))
+        self._forward = torch.compile(self.transformer) if compile else self.transformer
 
     # ---------------------------------------------------------------- hooks
-    def _block_hook(self, index: int):
+    def _capture_hook(self, name: str, tuple_index: int | None = None):
         def hook(module, args, kwargs, output):
             if self._capture:
-                hidden = output[1] if isinstance(output, tuple) else output
-                self._captured[f"block{index}"] = hidden
+                self._captured[name] = output[tuple_index] if isinstance(output, tuple) else output
 
         return hook
-
-    def _temb_hook(self, module, args, output):
-        if self._capture:
-            self._captured["temb"] = output
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -120,21 +157,67 @@ class Backbone:
     # ---------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings for ``prompts`` (each distinct prompt encoded once, then cached)."""
+        """Embeddings for ``prompts`` on the backbone's device (each distinct prompt encoded once, cached on the
+        CPU)."""
         missing = sorted({p for p in prompts if p not in self._embed_cache} - {None})
         if missing:
+            self._warn_truncated(missing)
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                prompt=missing, prompt_2=None, prompt_3=None, device=self._text_device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
             for i, p in enumerate(missing):
-                self._embed_cache[p] = (embeds[i], pooled[i])
-        e = torch.stack([self._embed_cache[p][0] for p in prompts])
-        pl = torch.stack([self._embed_cache[p][1] for p in prompts])
+                self._embed_cache[p] = (embeds[i].to("cpu", self.dtype), pooled[i].to("cpu", self.dtype))
+        e = torch.stack([self._embed_cache[p][0] for p in prompts]).to(self.device)
+        pl = torch.stack([self._embed_cache[p][1] for p in prompts]).to(self.device)
         return e, pl
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        limits = []
+        for name, limit in (("tokenizer", self.pipe.tokenizer_max_length), ("tokenizer_3", self.max_sequence_length)):
+            tok = getattr(self.pipe, name, None)
+            if tok is not None:
+                lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+                limits.append((name, limit, sum(n > limit for n in lengths)))
+        too_long = max((n for _, _, n in limits), default=0)
+        if too_long:
+            which = ", ".join(f"{'CLIP' if n == 'tokenizer' else 'T5'} {lim} tokens" for n, lim, _ in limits)
+            warn(f"{too_long} of {len(prompts)} prompts are longer than the text encoders' limits ({which}) and are "
+                 "truncated; raise backbone.max_sequence_length for T5 or shorten them")
+
+    def offload_text_encoders(self, prompts: list[str]) -> int:
+        """Encode ``prompts`` (and the negative prompt), then move the text encoders to the CPU.
+
+        Returns the bytes of accelerator memory freed (0 when the backbone already runs on the CPU).
+        Prompts that arrive later are still encoded, on the CPU."""
+        self.encode_prompts(list(prompts) + [self.negative_prompt])
+        if self.device.type == "cpu":
+            return 0
+        freed = 0
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                freed += sum(p.numel() * p.element_size() for p in module.parameters())
+                module.to("cpu")
+        self._text_device = torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
 
     def cached_prompt_count(self) -> int:
         return len(self._embed_cache)
+
+    def fingerprint(self) -> str:
+        """A short hash of the transformer's weights (a sample of every tensor): two backbones with the same
+        shapes but different weights get different fingerprints."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.transformer.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            sample = torch.cat([flat[:8], flat[-8:], flat[:: max(1, flat.numel() // 64)][:64]]).float().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # ---------------------------------------------------------------- geometry
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -149,6 +232,10 @@ class Backbone:
         sched.set_timesteps(num_steps, device="cpu")
         return sched.sigmas.float().cpu()
 
+    def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Diffusers' timestep for each sigma: 1000 * sigma in float32 (never rounded to the backbone dtype)."""
+        return sigma.to(self.device, torch.float32) * 1000.0
+
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, latents: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor,
@@ -156,7 +243,7 @@ class Backbone:
         """One guided transformer call; CFG's two branches run as a single batched forward."""
         b = latents.shape[0]
         x = latents.to(self.device, self.dtype)
-        t = (sigma.to(self.device, torch.float32) * 1000.0).to(self.dtype)
+        t = self.timesteps(sigma)
         pe = prompt_embeds.to(self.device, self.dtype)
         pp = pooled_embeds.to(self.device, self.dtype)
         cfg = self.guidance_scale > 1.0
@@ -169,27 +256,37 @@ class Backbone:
         self._captured = {}
         self._capture = need_features
         try:
-            out = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pe,
-                                   pooled_projections=pp, return_dict=False)[0]
+            out = self._forward(hidden_states=x, timestep=t, encoder_hidden_states=pe,
+                                pooled_projections=pp, return_dict=False)[0]
         finally:
             self._capture = False
-        out = out.float()
-        if cfg:
-            uncond, cond = out.chunk(2)
-            v = uncond + self.guidance_scale * (cond - uncond)
-        else:
-            v = out
+        v = self._guide(out.float(), cfg)
         if not need_features:
             return StepOutput(v, torch.empty(0), torch.empty(0))
         gh, gw = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
+        names = [f"block{blk}" for blk in self.feature_blocks] if self.feature_source == "blocks" else [
+            "pos_embed", "norm_out"]
         feats = []
-        for blk in self.feature_blocks:
-            h = self._captured[f"block{blk}"][-b:].float()  # conditional branch
+        for name in names:
+            h = self._branch(self._captured[name].float(), cfg, b)
             h = h.transpose(1, 2).reshape(b, h.shape[-1], gh, gw)
             feats.append(F.adaptive_avg_pool2d(h, self.feature_grid))
-        temb = self._captured["temb"][-b:].float()
+        temb = self._branch(self._captured["temb"].float(), cfg, b)
         self._captured = {}
         return StepOutput(v, torch.cat(feats, dim=1), temb)
+
+    def _guide(self, out: torch.Tensor, cfg: bool) -> torch.Tensor:
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def _branch(self, h: torch.Tensor, cfg: bool, b: int) -> torch.Tensor:
+        """The TPM's view of a captured tensor: the conditional branch (``blocks``) or the CFG combination
+        (``paper``, as the official TPDM code does)."""
+        if not cfg:
+            return h
+        return self._guide(h, cfg) if self.feature_source == "paper" else h[-b:]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:

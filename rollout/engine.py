@@ -10,6 +10,7 @@ The Euler step and the terminal rule are ``rollout.flow``'s (shared with every b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,15 @@ from .trajectory import Trajectories
 
 if TYPE_CHECKING:
     from .backbone import Backbone
+
+
+@dataclass
+class ReferenceRequest:
+    """Trajectories on the backbone's default ``num_steps`` schedule to run alongside a rollout."""
+
+    prompts: list[str]
+    noise_seeds: list[int]
+    num_steps: int
 
 
 class SamplingEngine:
@@ -46,69 +56,96 @@ class SamplingEngine:
 
     def run(self, prompts: list[str], noise_seeds: list[int], sample_keys: torch.Tensor, schedule: Schedule,
             decode: bool = True, policy_version: int = 0, max_steps: int | None = None,
-            initial_latents: torch.Tensor | None = None) -> Trajectories:
-        """Generate one trajectory per (prompt, noise seed, sample key); results sorted by index."""
+            initial_latents: torch.Tensor | None = None, references: ReferenceRequest | None = None
+            ) -> Trajectories:
+        """Generate one trajectory per (prompt, noise seed, sample key); results sorted by index.
+
+        ``references``: extra trajectories on the backbone's default ``num_steps`` schedule (fidelity
+        references) run in the same slots and backbone calls; their images come back in
+        ``Trajectories.reference_images`` and they add no learner rows.
+        """
         n = len(prompts)
         if len(noise_seeds) != n or sample_keys.numel() != n:
             raise ValueError(f"need one noise seed and sample key per prompt: {n}, {len(noise_seeds)}, "
                              f"{sample_keys.numel()}")
         max_steps = int(max_steps or self.max_steps)
+        ref = references or ReferenceRequest([], [], 1)
+        m = len(ref.prompts)
+        total = n + m
         dev = self.backbone.device
         bb = self.backbone
         record_feats = self.record_features and schedule.uses_features
         sample_keys = sample_keys.to(torch.int64).cpu()
-        embeds, pooled = bb.encode_prompts(prompts)  # cached: G samples of a group share one encoding
+        embeds, pooled = bb.encode_prompts(list(prompts) + list(ref.prompts))  # cached per distinct prompt
+        seeds = list(noise_seeds) + list(ref.noise_seeds)
+        ref_sched = FixedSchedule(bb.default_sigmas(ref.num_steps)) if m else None
+        # per-trajectory settings: the policy's first, then the references'
+        is_ref = torch.arange(total) >= n
+        budget = torch.where(is_ref, ref.num_steps, max_steps)
+        start = torch.where(is_ref, float(ref_sched.sigmas[0]) if m else 0.0, self.sigma_max)
+        floor = torch.where(is_ref, ref_sched.sigma_min if m else 0.0, schedule.sigma_min).float()
 
-        s = min(self.batch_size, max(n, 1))
+        s = min(self.batch_size, max(total, 1))
         slot_traj = torch.full((s,), -1, dtype=torch.int64)
         lat = torch.zeros((s, *self.latent_shape), device=dev, dtype=torch.float32)
         sig = torch.zeros(s, dtype=torch.float32)
         stp = torch.zeros(s, dtype=torch.int64)
-        final = torch.zeros((n, *self.latent_shape), dtype=torch.float32)
-        steps_out = torch.zeros(n, dtype=torch.int64)
+        final = torch.zeros((total, *self.latent_shape), dtype=torch.float32)
+        steps_out = torch.zeros(total, dtype=torch.int64)
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in
                                                ("traj", "step", "sigma", "sigma_next", "action", "logp", "valid",
                                                 "features", "temb")}
         queue = 0
         while True:
             free = torch.nonzero(slot_traj < 0).reshape(-1)
-            if queue < n and free.numel() and (self.continuous or free.numel() == s):
-                k = min(int(free.numel()), n - queue)
+            if queue < total and free.numel() and (self.continuous or free.numel() == s):
+                k = min(int(free.numel()), total - queue)
                 idx, new = free[:k], torch.arange(queue, queue + k)
                 queue += k
                 slot_traj[idx] = new
                 if initial_latents is not None:
                     lat[idx.to(dev)] = initial_latents[new].to(dev, torch.float32)
                 else:
-                    lat[idx.to(dev)] = self.initial_noise([noise_seeds[i] for i in new.tolist()])
-                sig[idx] = self.sigma_max
+                    lat[idx.to(dev)] = self.initial_noise([seeds[i] for i in new.tolist()])
+                sig[idx] = start[new]
                 stp[idx] = 0
             act = torch.nonzero(slot_traj >= 0).reshape(-1)
             if act.numel() == 0:
                 break
             traj = slot_traj[act]
+            pol = ~is_ref[traj]
             out = bb.step(lat[act.to(dev)], sig[act], embeds[traj.to(dev)], pooled[traj.to(dev)],
-                          need_features=schedule.uses_features)
+                          need_features=schedule.uses_features and bool(pol.any()))
             self.stats["backbone_calls"] += 1
             self.stats["slot_steps"] += int(act.numel())
-            feats = out.features.to(self.feature_dtype) if schedule.uses_features else out.features
-            prop = schedule.propose(feats, out.temb, sig[act], stp[act], sample_keys[traj])
             sigma_now = sig[act]
-            at_budget = stp[act] + 1 >= max_steps
-            done, _, target = terminal(prop.sigma_next.float().cpu(), schedule.sigma_min, at_budget)
+            proposal = torch.zeros_like(sigma_now)
+            if pol.any():
+                pi = torch.nonzero(pol).reshape(-1)
+                feats = out.features[pi.to(out.features.device)].to(self.feature_dtype) if schedule.uses_features \
+                    else out.features
+                temb = out.temb[pi.to(out.temb.device)] if schedule.uses_features else out.temb
+                prop = schedule.propose(feats, temb, sigma_now[pi], stp[act][pi], sample_keys[traj[pi]])
+                proposal[pi] = prop.sigma_next.float().cpu()
+            if not pol.all():
+                ri = torch.nonzero(~pol).reshape(-1)
+                proposal[ri] = ref_sched.propose(None, None, sigma_now[ri], stp[act][ri], None).sigma_next.float()
+            at_budget = stp[act] + 1 >= budget[traj]
+            done, _, target = terminal(proposal, floor[traj], at_budget)
             new_lat = euler_step(lat[act.to(dev)], out.velocity, sigma_now, target)
-            rows["traj"].append(traj)
-            rows["step"].append(stp[act].clone())
-            rows["sigma"].append(sigma_now.clone())
-            rows["sigma_next"].append(target)
-            rows["action"].append(prop.action.float().cpu())
-            rows["logp"].append(prop.logp.float().cpu())
-            # a step forced by the budget is masked whatever its action was: keeping it only when the sampled
-            # ratio happened to fall below sigma_min would select samples by their own action (a biased term)
-            rows["valid"].append(~at_budget)
-            if record_feats:
-                rows["features"].append(feats.cpu())
-                rows["temb"].append(out.temb.cpu())
+            if pol.any():
+                rows["traj"].append(traj[pi])
+                rows["step"].append(stp[act][pi])
+                rows["sigma"].append(sigma_now[pi])
+                rows["sigma_next"].append(target[pi])
+                rows["action"].append(prop.action.float().cpu())
+                rows["logp"].append(prop.logp.float().cpu())
+                # a step forced by the budget is masked whatever its action was: keeping it only when the sampled
+                # ratio happened to fall below sigma_min would select samples by their own action (a biased term)
+                rows["valid"].append(~at_budget[pi])
+                if record_feats:
+                    rows["features"].append(feats.cpu())
+                    rows["temb"].append(temb.cpu())
             lat[act.to(dev)] = new_lat
             sig[act] = target
             stp[act] += 1
@@ -120,7 +157,7 @@ class SamplingEngine:
                 slot_traj[fin] = -1
 
         cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in rows.items()}
-        order = torch.argsort(cat["traj"] * (max_steps + 1) + cat["step"])
+        order = torch.argsort(cat["traj"] * (max_steps + 1) + cat["step"]) if cat["traj"].numel() else cat["traj"]
         per_row = {k: (v[order] if v.numel() else v) for k, v in cat.items()}
         if not record_feats:
             per_row["features"] = torch.empty(0)
@@ -130,7 +167,8 @@ class SamplingEngine:
             traj=per_row["traj"].to(torch.int64), step=per_row["step"].to(torch.int64), sigma=per_row["sigma"],
             sigma_next=per_row["sigma_next"], action=per_row["action"], logp=per_row["logp"],
             valid=per_row["valid"].to(torch.bool), features=per_row["features"], temb=per_row["temb"],
-            steps=steps_out, latents=final, images=images, prompts=list(prompts), policy_version=policy_version,
+            steps=steps_out[:n], latents=final[:n], images=images[:n] if decode else images, prompts=list(prompts),
+            policy_version=policy_version, reference_images=images[n:] if decode and m else torch.empty(0),
         )
 
     def run_fixed(self, prompts: list[str], noise_seeds: list[int], num_steps: int, decode: bool = True

@@ -99,7 +99,8 @@ class TPDMPipeline:
                                     feature_blocks=tuple(settings["feature_blocks"]),
                                     feature_grid=int(settings["feature_grid"]),
                                     max_sequence_length=int(settings["max_sequence_length"]),
-                                    negative_prompt=settings["negative_prompt"])
+                                    negative_prompt=settings["negative_prompt"],
+                                    feature_source=settings.get("feature_source", "blocks"))
             except BackboneError as exc:
                 raise BackboneError(f"{exc} (backbone of TPM {str(tpm_file)!r})") from None
         check_compatible(tpm_file, settings, spec, backbone)

@@ -17,6 +17,7 @@ import yaml
 
 from tpdm_rl.checkpoint import CheckpointError, read_tpm_meta
 from tpdm_rl.config import Config
+from tpdm_rl.utils import warn
 
 from .backbone import Backbone
 
@@ -32,6 +33,7 @@ DEFAULT_SETTINGS: dict = {
     "backbone_path": "", "backbone_blocks": None, "hidden_size": None, "feature_blocks": [0, -1],
     "feature_grid": 8, "feature_dtype": "float32", "resolution": 1024, "guidance_scale": 7.0,
     "max_sequence_length": 77, "negative_prompt": "", "sigma_max": 1.0, "sigma_min": 0.01, "max_steps": 28,
+    "feature_source": "blocks", "backbone_fingerprint": None,
 }
 
 
@@ -42,6 +44,8 @@ def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> d
     out.update({k: getattr(cfg.backbone, k) for k in BACKBONE_KEYS})
     out["feature_blocks"] = list(backbone.feature_blocks)
     out["feature_grid"] = backbone.feature_grid
+    out["feature_source"] = backbone.feature_source
+    out["backbone_fingerprint"] = backbone.fingerprint()
     out.update({k: getattr(cfg.rollout, k) for k in ROLLOUT_KEYS})
     return out
 
@@ -148,10 +152,17 @@ def check_compatible(tpm_file: Path, settings: dict, spec: dict, backbone: Backb
         raise mismatch_error(tpm_file, bpath, "backbone_blocks", settings["backbone_blocks"], n_blocks)
     if settings.get("hidden_size") is not None and int(settings["hidden_size"]) != backbone.hidden_size:
         raise mismatch_error(tpm_file, bpath, "hidden_size", settings["hidden_size"], backbone.hidden_size)
-    blocks = [int(b) % n_blocks for b in settings["feature_blocks"]]
+    source = settings.get("feature_source", "blocks")
+    if source != backbone.feature_source:
+        raise mismatch_error(tpm_file, bpath, "feature_source (policy.inputs)", source, backbone.feature_source)
+    fp = settings.get("backbone_fingerprint")
+    if fp and fp != backbone.fingerprint():
+        warn(f"TPM {str(tpm_file)!r} was trained on a backbone with other weights (fingerprint {fp}, this one "
+             f"{backbone.fingerprint()}) of the same shapes; its schedules may not fit this backbone")
+    blocks = [int(b) % n_blocks for b in settings["feature_blocks"]] if source == "blocks" else []
     if blocks != list(backbone.feature_blocks):
         raise mismatch_error(tpm_file, bpath, "feature_blocks", blocks, list(backbone.feature_blocks))
-    spec_blocks = [int(b) % n_blocks for b in spec.get("feature_blocks", blocks)]
+    spec_blocks = [int(b) % n_blocks for b in spec.get("feature_blocks", blocks)] if source == "blocks" else []
     if spec_blocks != list(backbone.feature_blocks):
         raise mismatch_error(tpm_file, bpath, "feature_blocks", spec_blocks, list(backbone.feature_blocks))
     for key, tv in (("feature_grid", int(settings["feature_grid"])), ("feature_grid", int(spec["grid"]))):

@@ -34,6 +34,7 @@ class Trajectories:
     images: torch.Tensor  # [N, 3, H, W] decoded images in [0, 1] (empty if not decoded)
     prompts: list[str] = field(default_factory=list)
     policy_version: int = 0
+    reference_images: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [M, 3, H, W] (see engine)
 
     @property
     def num_trajectories(self) -> int:

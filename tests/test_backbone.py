@@ -78,3 +78,29 @@ def test_backbone_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackboneError, match="model_index.json"):
         Backbone(str(tmp_path / "empty"))
+
+
+def test_bf16_fixed_schedule_matches_diffusers_with_identical_timesteps(tiny_backbone_dir):
+    """In bf16 the transformer gets float32 timesteps bit-identical to diffusers' pipeline (1000 * sigma in bf16
+    would round 760.74 to 760), and the fixed:N images agree within bf16 tolerance."""
+    from tpdm_rl.rollout.engine import SamplingEngine
+
+    bb = Backbone(tiny_backbone_dir, device="cpu", dtype="bfloat16", feature_grid=4, max_sequence_length=32)
+    seen: list[torch.Tensor] = []
+    hook = bb.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["timestep"].detach().clone()), with_kwargs=True)
+    try:
+        ours = SamplingEngine(bb, 64, 64, batch_size=1).run_fixed(["a red apple on a table"], [3], 8)
+        n_ours = len(seen)
+        ref = bb.pipe("a red apple on a table", num_inference_steps=8, height=64, width=64, max_sequence_length=32,
+                      guidance_scale=bb.guidance_scale, output_type="pt", generator=torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    mine, theirs = seen[:n_ours], seen[n_ours:]
+    assert len(mine) == len(theirs) == 8
+    for a, b in zip(mine, theirs):
+        assert a.dtype == torch.float32 and b.dtype == torch.float32
+        assert torch.equal(a, b[: a.numel()]) or torch.equal(a.unique(), b.unique())
+    assert any((t - t.round()).abs().max() > 0.1 for t in mine)  # fractional timesteps survive
+    torch.testing.assert_close(ref.images[0].float(), ours.images[0], rtol=0, atol=0.05)
+    assert (ref.images[0].float() - ours.images[0]).abs().mean() < 0.005

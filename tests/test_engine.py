@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tpdm_rl.rollout.engine import SamplingEngine
+from tpdm_rl.rollout.engine import ReferenceRequest, SamplingEngine
 from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.schedules import FixedSchedule, TPMSchedule
 
@@ -58,6 +58,26 @@ def test_batched_trajectory_equals_trajectory_run_alone(backbone, varied_tpm):
         torch.testing.assert_close(alone.logp, together.logp[rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(alone.latents[0], together.latents[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(alone.images[0], together.images[i], rtol=1e-5, atol=1e-5)
+
+
+def test_references_share_the_rollout_run(backbone, varied_tpm):
+    """Fidelity references ride in the rollout's slots: the same trajectories and reference images as two
+    separate runs, no learner rows for them, and fewer backbone calls than running them apart."""
+    prompts, seeds, keys = _requests(5)
+    eng = SamplingEngine(backbone, 64, 64, batch_size=4, max_steps=15)
+    both = eng.run(prompts, seeds, keys, TPMSchedule(varied_tpm, 0.01),
+                   references=ReferenceRequest(prompts[:3], seeds[:3], 8))
+    c_both = eng.stats["backbone_calls"]
+    alone = eng.run(prompts, seeds, keys, TPMSchedule(varied_tpm, 0.01))
+    refs = eng.run_fixed(prompts[:3], seeds[:3], 8)
+    c_apart = eng.stats["backbone_calls"] - c_both
+    assert both.steps.tolist() == alone.steps.tolist() and both.num_rows == alone.num_rows
+    assert torch.equal(both.traj, alone.traj) and torch.equal(both.action, alone.action)
+    torch.testing.assert_close(both.logp, alone.logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both.images, alone.images, rtol=1e-5, atol=1e-5)
+    assert both.reference_images.shape == refs.images.shape == (3, 3, 64, 64)
+    torch.testing.assert_close(both.reference_images, refs.images, rtol=1e-5, atol=1e-5)
+    assert c_both < c_apart
 
 
 def test_terminal_step_goes_to_zero_with_current_velocity(backbone):

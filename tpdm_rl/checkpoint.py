@@ -136,6 +136,9 @@ def load_checkpoint(path: Path) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{str(path / STATE_FILE)!r} is corrupt: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
+        raise CheckpointError(f"{str(path / STATE_FILE)!r} is corrupt: expected a JSON object with a non-negative "
+                              f"integer 'iteration', got {type(state).__name__}")
     optim = None
     if (path / OPTIM_FILE).is_file():
         try:

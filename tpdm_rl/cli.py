@@ -18,9 +18,11 @@ from transformers.utils import logging as tlog
 from tpdm_rl.rewards.fixtures import make_all
 from tpdm_rl.rewards.registry import RewardError
 from tpdm_rl.rollout.backbone import BackboneError
+from tpdm_rl.rollout.random_backbone import PRESETS, PresetError, RandomBackboneError, make_random_backbone
 from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
 from tpdm_rl.rollout.toy_backbone import ToyTrainSettings, copy_toy_backbone, train_toy_backbone
 
+from . import __version__
 from .checkpoint import CheckpointError
 from .cli_config import register as register_config
 from .cli_eval import register
@@ -29,7 +31,8 @@ from .config import ConfigError, load_config
 from .controller import Controller, write_summary
 from .executors.base import FatalRoleError
 from .prompts import PromptFileError
-from .utils import set_threads
+from .runfolder import RunFolderError
+from .utils import DeviceError, set_threads
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -58,9 +61,23 @@ def _quiet_libraries() -> None:
         pass
 
 
+class RunUnhealthy(RuntimeError):
+    """A run finished but most of its updates were skipped."""
+
+
 def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
     out = make_tiny_backbone(args.dir, seed=args.seed, sample_size=args.size)
     print(f"tiny SD3 backbone written to {out} (seed {args.seed}, {args.size} px)")
+    return 0
+
+
+def cmd_make_random_backbone(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = make_random_backbone(args.dir, args.preset, no_t5=args.no_t5, dtype=args.dtype, seed=args.seed,
+                               layers=args.layers, progress=lambda line: print(f"  {line}", flush=True))
+    print(f"random {args.preset} backbone written to {out} in {time.perf_counter() - t0:.0f} s "
+          f"(seed {args.seed}, {args.dtype}{', no T5' if args.no_t5 else ''}"
+          f"{f', transformer depth {args.layers}' if args.layers else ''}; random weights: images are noise)")
     return 0
 
 
@@ -94,28 +111,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"output": str(output)})
     if args.address:
         cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"enabled": True})})
-    controller = Controller(cfg, output=output, resume=args.resume, address=args.address)
+    controller = Controller(cfg, output=output, resume=args.resume, address=args.address, overwrite=args.overwrite,
+                            allow_config_change=args.allow_config_change)
+    if controller.folder.moved_to is not None:
+        print(f"--overwrite: the previous run in {output} was moved to {controller.folder.moved_to}", file=sys.stderr)
     if controller.resumed_from is not None:
         print(f"resuming from {controller.resumed_from} (iteration {controller.start_iteration})", file=sys.stderr)
-    controller.train()
+    records = controller.train()
     print(f"\nrun finished: {output} (metrics.jsonl, tb/, checkpoints/)")
-    print(write_summary(output))
+    print(write_summary(output, cfg))
+    skipped = sum(1 for r in records if r.get("health/nonfinite_reward") or r.get("health/skipped_steps"))
+    if records and skipped * 2 > len(records):
+        raise RunUnhealthy(f"{skipped} of {len(records)} updates were skipped (non-finite reward, loss or gradient; "
+                           f"see health/* in {output / 'metrics.jsonl'}): the trained TPM is not usable")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpdm-rl", description="RL for per-prompt diffusion schedules (TPDM on SD3).")
+    p.add_argument("--version", action="version", version=f"tpdm-rl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("make-tiny-backbone", help="write the tiny random offline SD3 pipeline folder")
-    t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("dir", help="folder for the diffusers pipeline")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     t.add_argument("--size", type=int, default=128, help="default image size in pixels")
     t.set_defaults(func=cmd_make_tiny_backbone)
 
     rw = sub.add_parser("make-tiny-rewards", help="write tiny random reward models in the real file formats")
-    rw.add_argument("dir")
-    rw.add_argument("--seed", type=int, default=0)
+    rw.add_argument("dir", help="folder for the reward model files")
+    rw.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     rw.set_defaults(func=cmd_make_tiny_rewards)
 
     toy = sub.add_parser("make-toy-backbone", help="write the trained toy-world backbone (or train it again)",
@@ -127,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--threads", type=int, default=0, help="torch threads for training (0: the CPUs available)")
     toy.set_defaults(func=cmd_make_toy_backbone)
 
+    rb = sub.add_parser("make-random-backbone", help="write a real-size SD3 pipeline with random weights (no download)",
+                        description="Writes a diffusers SD3 folder with the real configurations of the chosen "
+                                    "checkpoint (transformer, CLIP-L, CLIP-G, T5-XXL, VAE) and random weights, for "
+                                    "sizing machines and timing rollouts offline. Disk and memory are checked first.")
+    rb.add_argument("dir", help="new (or empty) folder for the diffusers pipeline")
+    rb.add_argument("--preset", required=True, metavar="|".join(PRESETS), help="which SD3 checkpoint to imitate")
+    rb.add_argument("--no-t5", action="store_true", help="leave out the T5-XXL encoder (the pipeline feeds zeros)")
+    rb.add_argument("--dtype", default="bfloat16", metavar="bfloat16|float16|float32",
+                    help="dtype of the saved weights (default bfloat16)")
+    rb.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    rb.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="transformer depth instead of the preset's (scaled-down builds)")
+    rb.set_defaults(func=cmd_make_random_backbone)
+
     tr = sub.add_parser("train", help="train a TPM")
     tr.add_argument("--config", default=None, help="YAML config (default: built-in tiny defaults)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -134,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default=None, metavar="auto|PATH", help="resume from latest or a checkpoint dir")
     tr.add_argument("--address", default=None,
                     help="Ray cluster to join (implies distributed.enabled); default: RAY_ADDRESS or a local instance")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="the output folder holds an earlier run: move it aside (to OUTPUT.replaced-TIME) and start over")
+    tr.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
+                    help="with --resume: accept these changed keys of the objective or trajectories (recorded in "
+                         "history.jsonl)")
     tr.set_defaults(func=cmd_train)
 
     register(sub)
@@ -146,15 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-
-
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"tpdm-rl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except DeviceError as exc:
+        print(f"tpdm-rl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PresetError as exc:
+        print(f"tpdm-rl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PromptFileError, RewardError, BackboneError, CheckpointError, FileNotFoundError, FileExistsError,
+            RunFolderError, RunUnhealthy, RandomBackboneError) as exc:
         print(f"tpdm-rl: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:  # disk full, read-only folder, ...: files written so far stay consistent
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"tpdm-rl: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAIL
     except FatalRoleError as exc:
         print(f"tpdm-rl: error: {exc} (state of the last completed iteration checkpointed)", file=sys.stderr)

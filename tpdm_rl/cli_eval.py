@@ -19,6 +19,7 @@ from tpdm_rl.rollout.pipeline import TPDMPipeline
 from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, evaluate, export_tpm
 
 EXIT_USAGE = 2
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _usage_errors(func):
@@ -74,6 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.adaptive is not None and args.adaptive < 0:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
+    if args.size is not None and args.size < 1:
+        raise _OptionError(f"--size must be a positive number of pixels, got {args.size}")
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
+        raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
+                           f"one of {', '.join(IMAGE_SUFFIXES)}")
     pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device)
     res = args.size or pipe.resolution
     out = pipe(args.prompt, seed=args.seed, height=res, width=res, adaptive_threshold=args.adaptive)
@@ -111,8 +118,8 @@ def register(subparsers) -> None:
     e.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     e.add_argument("--pareto-steps", default=",".join(map(str, DEFAULT_PARETO_STEPS)),
                    help="fixed:N step counts drawn as the curve in pareto.png")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=16, help="concurrent images per backbone call")
+    e.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")
     e.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png")
     e.add_argument("--timing-repeats", type=int, default=1,
                    help="sample each method R times and report the fastest wall clock (damps machine noise)")
@@ -121,14 +128,14 @@ def register(subparsers) -> None:
 
     s = subparsers.add_parser("sample", help="generate one image with a trained TPM")
     s.add_argument("--checkpoint", required=True, help=ck)
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--output", required=True, help="image file (.png)")
+    s.add_argument("--prompt", required=True, help="the text prompt")
+    s.add_argument("--output", required=True, help="image file (.png, .jpg, .webp, ...)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (as diffusers' Generator().manual_seed)")
     s.add_argument("--backbone", default=None, help="backbone path (default: the TPM's backbone_path)")
     s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the trained resolution)")
     s.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
                    help="also skip transformer calls with AdaptiveDiffusion (tpm+adaptive)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")
     s.set_defaults(func=cmd_sample)
 
     x = subparsers.add_parser("export", help="export a TPM for inference (weights, config, model card)")

@@ -82,7 +82,7 @@ def register(subparsers) -> None:
     s.set_defaults(func=cmd_sweep)
 
     r = subparsers.add_parser("sweep-report", help="rebuild sweep.json / sweep.md / sweep_pareto.png of a sweep")
-    r.add_argument("dir")
+    r.add_argument("dir", help="a sweep output folder")
     r.add_argument("--budget", type=float, default=None, metavar="STEPS",
                    help="print the highest-quality finished trial whose mean steps are <= STEPS")
     r.set_defaults(func=cmd_sweep_report)

@@ -7,6 +7,7 @@ so a typo in a 40-key file is found at once, before any model is loaded.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tpdm_rl.rewards.registry import RewardError, reward_class, reward_options
+from tpdm_rl.utils import warn
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,9 @@ class BackboneConfig(_Strict):
     feature_grid: int = Field(8, ge=1, le=128, description="TPM features are average-pooled to grid x grid")
     feature_dtype: DType = Field("float32", description="dtype of the stored TPM features (bfloat16 halves "
                                  "rollout memory)")
+    compile: bool = Field(False, description="torch.compile the transformer (GPU: faster steps after a warm-up)")
+    offload_text_encoders: bool = Field(True, description="encode the run's prompts once, then move the text "
+                                        "encoders off the accelerator (T5-XXL alone is ~9.5 GB in bf16)")
 
 
 class PolicyConfig(_Strict):
@@ -57,6 +62,10 @@ class PolicyConfig(_Strict):
     init_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="mean of the untrained TPM's ratio "
                               "sigma_next / sigma")
     init_concentration: float = Field(20.0, gt=2.0, description="alpha + beta of the untrained TPM's Beta")
+    inputs: Literal["blocks", "paper"] = Field("blocks", description="blocks: backbone.feature_blocks of the "
+                                               "conditional branch, mean+max pool, 1+softplus; paper: the official "
+                                               "TPDM inputs (pos_embed and norm_out outputs and temb, CFG-combined), "
+                                               "avg-pool 16 then max-pool, 1+exp")
 
     @model_validator(mode="after")
     def _alpha_beta_above_one(self) -> PolicyConfig:
@@ -81,6 +90,10 @@ class RolloutConfig(_Strict):
                              "below this")
     max_steps: int = Field(28, ge=1, le=1000, description="step budget per trajectory (the last step is forced)")
     reference_steps: int = Field(28, ge=1, le=1000, description="steps of the fidelity reward's reference schedule")
+    noise_bank: int = Field(0, ge=0, description="initial noise per prompt from a bank of this many seeds (0: fresh "
+                            "noise every iteration); with a bank, fidelity references repeat and are cached")
+    reference_cache_mb: float = Field(256.0, gt=0.0, description="memory per rollout worker for cached fidelity "
+                                      "references (storage dtype)")
     decode_batch_size: int = Field(16, ge=1, description="images per VAE decode call")
 
 
@@ -305,15 +318,53 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that reports a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    duplicates: list[tuple[str, int]]
+
+
+def _mapping_with_duplicates(loader: _DuplicateKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            loader.duplicates.append((str(key), key_node.start_mark.line + 1))
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_DuplicateKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_duplicates)
+
+
+def read_yaml_file(p: Path) -> Any:
+    """The YAML in ``p``; keys given twice in one mapping are warned about (the last value wins)."""
+    text = p.read_text()
+    loader = _DuplicateKeyLoader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    for key, line in loader.duplicates:
+        warn(f"{p}:{line}: key {key!r} is given twice in one section; the last value wins")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or defaults when ``path`` is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config error: config file {str(p)!r} is a folder; expected a YAML file")
         if not p.is_file():
             raise ConfigError(f"config error: config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = read_yaml_file(p)
+            if data is None:
+                warn(f"config file {p} is empty: every setting is the default (tpdm-rl config --explain lists them)")
+                data = {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -327,6 +378,47 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(_format_error(exc)) from None
     except ValueError as exc:  # e.g. unknown reward name in cross checks
         raise ConfigError(f"config error: {str(exc).splitlines()[0]}") from None
+
+
+#: keys that may change when a run is resumed: layout, devices, logging, length (the objective and the
+#: trajectories stay the same); every other key needs ``--allow-config-change KEY``
+RESUME_FREE_KEYS = ("output", "deterministic", "train.iterations", "train.device", "train.threads", "checkpoint.*",
+                    "logging.*", "distributed.*", "backbone.device", "backbone.tiny_dir", "rollout.batch_size",
+                    "rollout.decode_batch_size", "rollout.continuous_batching", "rewards.*.num_workers",
+                    "rewards.*.num_cpus", "rewards.*.num_gpus", "rewards.*.device", "rewards.*.batch_size")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old_yaml: str, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys outside ``RESUME_FREE_KEYS`` whose value differs between a checkpoint's config and ``new``.
+
+    A key the old config lacks counts as unchanged when the new value is the schema default (a setting
+    added later, at its default, keeps the old behaviour); a key only the old config has is ignored."""
+    try:
+        old = yaml.safe_load(old_yaml) or {}
+    except yaml.YAMLError:
+        old = {}
+    fo, fn = _flatten(old if isinstance(old, dict) else {}), _flatten(new.model_dump(mode="json"))
+    defaults = _flatten(Config().model_dump(mode="json"))
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(fn):
+        if any(fnmatch.fnmatchcase(key, pat) for pat in RESUME_FREE_KEYS):
+            continue
+        if key not in fo:
+            if key in defaults and fn[key] == defaults[key]:
+                continue
+            changes[key] = ("<absent>", fn[key])
+        elif fo[key] != fn[key]:
+            changes[key] = (fo[key], fn[key])
+    return changes
 
 
 def config_to_yaml(cfg: Config) -> str:

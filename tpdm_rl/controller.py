@@ -13,6 +13,7 @@ needs no generator state to resume, and the same seed gives the same run bit for
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tpdm_rl.rewards.composition import RewardSet
+from tpdm_rl.rewards.registry import RewardError, reward_class
 from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.worker import resolve_backbone_path
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_to_yaml
+from .config import Config, ConfigError, config_changes, config_to_yaml
 from .executors.base import Executor, FatalRoleError
 from .executors.local import LocalExecutor
 from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
@@ -33,7 +35,8 @@ from .metrics import MetricsLogger
 from .objective import compose_reward, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler, load_prompts
-from .utils import FINAL_WINDOW, PhaseTimer, read_metrics, set_threads
+from .runfolder import RunFolder
+from .utils import FINAL_WINDOW, PhaseTimer, check_device, final_window, read_metrics, set_threads
 
 
 @dataclass
@@ -66,6 +69,9 @@ def plan_iteration(cfg: Config, sampler: PromptSampler, prompts: list[str], iter
         seeds = [derive_key(cfg.seed, 0xA015E, iteration, gi) for gi in range(p) for _ in range(g)]
     else:
         seeds = [derive_key(cfg.seed, 0xA015E, iteration, gi, j) for gi in range(p) for j in range(g)]
+    bank = cfg.rollout.noise_bank
+    if bank:  # the noise repeats per prompt: seed k of prompt i's bank, k chosen by the draw above
+        seeds = [derive_key(cfg.seed, 0xBA2C, idx[t // g], s % bank) for t, s in enumerate(seeds)]
     keys = torch.tensor([derive_key(cfg.seed, 0xBE7A, iteration, t) for t in range(p * g)], dtype=torch.int64)
     return IterationPlan(iteration, list(idx), traj_prompts, group, seeds, keys)
 
@@ -107,18 +113,30 @@ def make_executor(cfg: Config, backbone_path: str, address: str | None = None) -
 class Controller:
     """Runs ``cfg.train.iterations`` iterations of the loop on an executor, with checkpoints and metrics."""
     def __init__(self, cfg: Config, output: str | Path | None = None, resume: str | None = None,
-                 address: str | None = None, executor: Executor | None = None) -> None:
+                 address: str | None = None, executor: Executor | None = None, overwrite: bool = False,
+                 allow_config_change: list[str] | tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.output = Path(output or cfg.output)
-        self.output.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.output / "checkpoints"
         self.threads = set_threads(cfg.train.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # start-up checks that must fail before any rollout: prompts, rewards, checkpoint
+        # start-up checks that must fail before anything is written: prompts, device, checkpoint, config changes
         self.prompts = load_prompts(cfg.rollout.prompts)
         self.sampler = PromptSampler(self.prompts, cfg.seed)
+        for key in ("train.device", "backbone.device"):
+            check_device(key, cfg.train.device if key == "train.device" else cfg.backbone.device)
         ckpt = self._find_resume(resume)
+        changes = config_changes(ckpt["config_yaml"], cfg) if ckpt is not None else {}
+        if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("config error: logging.wandb_project is set but wandb is not installed; "
+                              "pip install 'tpdm-rl[wandb]' or leave logging.wandb_project empty")
+        refused = {k: v for k, v in changes.items() if k not in allow_config_change}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ConfigError(f"config error: resuming {str(ckpt['path'])!r} with a different objective or "
+                              f"trajectories ({listed}); pass --allow-config-change {' '.join(refused)} to accept")
+        self.folder = RunFolder(self.output).acquire(resume=bool(resume), overwrite=overwrite)
         tiny_dir = cfg.backbone.tiny_dir or str(self.output / "tiny_backbone")
         self.backbone_path = resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()),
                                                    cfg.backbone.tiny_seed, cfg.backbone.resolution)
@@ -132,12 +150,20 @@ class Controller:
             self._start(ckpt)
         except BaseException:
             self.executor.close()
+            self.folder.release()
             raise
         self.resumed_from = ckpt["path"] if ckpt is not None else None
         self.metrics = MetricsLogger(self.output, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(mode="json"),
-                                     resume_from_iteration=self.start_iteration if ckpt is not None else None)
+                                     resume_from_iteration=self.start_iteration if ckpt is not None else None,
+                                     wandb_id=ckpt["state"].get("wandb_run_id") if ckpt is not None else None)
         (self.output / "config.yaml").write_text(config_to_yaml(cfg))
+        if ckpt is None:
+            self.folder.record("start", iterations=cfg.train.iterations, moved_previous_run_to=str(
+                self.folder.moved_to) if self.folder.moved_to else None)
+        else:
+            self.folder.record("resume", checkpoint=str(ckpt["path"]), iteration=self.start_iteration,
+                               config_changes={k: list(v) for k, v in changes.items()})
 
     def _start(self, ckpt: dict | None) -> None:
         cfg = self.cfg
@@ -210,6 +236,7 @@ class Controller:
         state = {"iteration": next_iteration, "policy_version": self.policy_version,
                  "reward_norm": self.rewards.state_dict(), "skipped_updates": self.skipped_updates,
                  "actor_restarts": self.actor_restarts, "seed": self.cfg.seed, "backbone_path": self.backbone_path,
+                 "wandb_run_id": self.metrics.wandb_id,
                  "rng": "none: every random draw is keyed by (seed, iteration, index)"}
         return save_checkpoint(self.ckpt_root, next_iteration, self.policy, self.executor.optimizer_state(), state,
                                config_to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
@@ -241,28 +268,62 @@ class Controller:
         return records
 
     def close(self) -> None:
-        self.executor.close()
+        try:
+            self.executor.close()
+        finally:
+            self.folder.release()
 
 
-def summarize(metrics_path: Path) -> str:
-    """Start vs end (mean of the last FINAL_WINDOW iterations) of the headline metrics, as a few lines."""
+def summarize(metrics_path: Path, cfg: Config | None = None) -> str:
+    """Start vs end (mean of the last FINAL_WINDOW iterations) of the headline metrics, with units, and how
+    ``reward/total`` is made of its parts."""
     recs = read_metrics(metrics_path)
     if not recs:
         return "no iterations recorded"
-    first, last = recs[0], recs[-FINAL_WINDOW:]
+    first = recs[0]
     keys = ["reward/total"] + sorted(k for k in first if k.startswith("reward/") and k != "reward/total") + [
-        "steps/mean"]
-    lines = [f"{'metric':<22}{'first iter':>12}{'last 3 iters':>14}{'change':>10}"]
+        "steps/mean", "health/skipped_updates"]
+    end = final_window(recs, keys)
+    lines = [f"{'metric':<30}{'first iter':>12}{f'last {min(FINAL_WINDOW, len(recs))} iters':>14}{'change':>10}"]
     for k in keys:
-        vals = [r.get(k) for r in last if isinstance(r.get(k), (int, float))]
-        if not isinstance(first.get(k), (int, float)) or not vals:
+        if not isinstance(first.get(k), (int, float)) or end.get(k) is None:
             continue
-        end = sum(vals) / len(vals)
-        lines.append(f"{k:<22}{first[k]:>12.4f}{end:>14.4f}{end - first[k]:>+10.4f}")
+        label = f"{k} ({metric_unit(k)})" if metric_unit(k) else k
+        lines.append(f"{label:<30}{first[k]:>12.4f}{end[k]:>14.4f}{end[k] - first[k]:>+10.4f}")
+    if cfg is not None:
+        lines.append("reward/total = " + total_formula(cfg))
     return "\n".join(lines)
 
 
-def write_summary(output: Path) -> str:
-    text = summarize(output / "metrics.jsonl")
+def metric_unit(key: str) -> str:
+    """The unit of a logged metric, for summaries."""
+    if key.startswith("steps/") or key == "reward/step_penalty":
+        return "steps" if key != "reward/step_penalty" else "coef x steps"
+    if key == "health/skipped_updates":
+        return "count"
+    name = key.split("/", 1)[1] if key.startswith("reward/") else ""
+    try:
+        return reward_class(name).unit
+    except (RewardError, AttributeError):
+        return "fraction" if name.endswith("_exact") else ""
+
+
+def total_formula(cfg: Config) -> str:
+    """``reward/total`` in words: the weighted components and the step penalty, as configured."""
+    parts = []
+    for name, spec in cfg.rewards.items():
+        norm = "" if spec.normalize == "none" else f" ({spec.normalize}-normalised)"
+        parts.append(f"{spec.weight:g} x {name}{norm}")
+    body = " + ".join(parts)
+    sp = cfg.step_penalty
+    if sp.mode == "additive":
+        return f"{body} - {sp.coef:g} x steps (mean over the iteration's trajectories)"
+    if sp.mode == "discount":
+        return f"({body}) x {sp.gamma:g}^steps"
+    return f"({body}) x (1 - {sp.gamma:g}^N) / (N (1 - {sp.gamma:g})), N = steps"
+
+
+def write_summary(output: Path, cfg: Config | None = None) -> str:
+    text = summarize(output / "metrics.jsonl", cfg)
     (output / "summary.txt").write_text(text + "\n")
     return text

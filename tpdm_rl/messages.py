@@ -71,8 +71,12 @@ class RolloutSummary:
     rows: int
     policy_version: int
     busy_s: float  # generation (+ references) wall time on the worker
-    reference_s: float  # of which the fidelity references
+    reference_s: float  # of which the fidelity references (their share of the slot-steps)
     backbone_calls: int
+    slot_steps: int = 0  # trajectory-steps computed (policy + references)
+    reference_slot_steps: int = 0  # of which for fidelity references
+    reference_hits: int = 0  # the worker's reference cache so far
+    reference_misses: int = 0
 
 
 @dataclass

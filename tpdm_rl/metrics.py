@@ -16,9 +16,15 @@ def _clean(v):
 
 
 class MetricsLogger:
-    """Writes ``DIR/metrics.jsonl`` (flushed every line) and ``DIR/tb/`` events."""
+    """Writes ``DIR/metrics.jsonl`` (flushed every line), ``DIR/tb/`` events and optionally W&B.
+
+    On resume from iteration k every sink drops what was logged for iterations >= k (they are redone):
+    the lines of ``metrics.jsonl``, TensorBoard's points (``purge_step=k``), and W&B continues the same
+    run (``wandb_id``, stored in the checkpoint) instead of starting a new one.
+    """
+
     def __init__(self, output: Path, tensorboard: bool = True, wandb_project: str = "", config: dict | None = None,
-                 resume_from_iteration: int | None = None) -> None:
+                 resume_from_iteration: int | None = None, wandb_id: str | None = None) -> None:
         self.path = Path(output) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from_iteration is not None and self.path.exists():
@@ -36,18 +42,14 @@ class MetricsLogger:
         self._fh = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            try:
-                self._tb = SummaryWriter(str(Path(output) / "tb"))
-            except ImportError:
-                self._tb = None
+            self._tb = SummaryWriter(str(Path(output) / "tb"), purge_step=resume_from_iteration)
         self._wandb = None
+        self.wandb_id = wandb_id
         if wandb_project:
-            try:
-                import wandb
+            import wandb  # optional dependency (the [wandb] extra)
 
-                self._wandb = wandb.init(project=wandb_project, config=config or {}, resume="allow")
-            except ImportError:
-                self._wandb = None
+            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self._wandb = wandb.init(project=wandb_project, config=config or {}, id=self.wandb_id, resume="allow")
 
     def log(self, metrics: dict) -> None:
         rec = {k: _clean(v) for k, v in metrics.items()}

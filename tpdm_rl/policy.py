@@ -32,6 +32,7 @@ class TPMSpec:
     feature_blocks: tuple[int, ...] = (0, -1)
     init_ratio: float = 0.8
     init_concentration: float = 20.0
+    inputs: str = "blocks"  # "blocks" (ours) or "paper" (the official TPDM inputs, pooling and head)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,9 +61,11 @@ def sigma_embedding(sigma: torch.Tensor, dim: int = 32) -> torch.Tensor:
 class TimePredictionModule(nn.Module):
     """conv -> adaptive group-norm (conditioned on temb + sigma) -> SiLU -> strided conv -> pool -> MLP.
 
-    Outputs Beta parameters alpha = 1 + softplus(a), beta = 1 + softplus(b) (both > 1, so the mode
-    exists and lies inside (0, 1)). The last layer starts near zero with a bias chosen so that the
-    untrained TPM gives ratios with mean ``init_ratio`` and concentration ``init_concentration``.
+    Outputs Beta parameters alpha, beta > 1 (so the mode exists and lies inside (0, 1)):
+    ``inputs="blocks"``: mean+max pooling, alpha = 1 + softplus(a); ``inputs="paper"``: the official
+    code's average-pool to 16 x 16 then max-pool, alpha = 1 + exp(a). The last layer starts near zero
+    with a bias chosen so that the untrained TPM gives ratios with mean ``init_ratio`` and
+    concentration ``init_concentration``.
     """
 
     def __init__(self, spec: TPMSpec) -> None:
@@ -86,8 +89,12 @@ class TimePredictionModule(nn.Module):
                 f"init_ratio={m} with init_concentration={k} gives alpha={alpha0:.3g}, beta={beta0:.3g}; "
                 "both must exceed 1 (raise init_concentration)"
             )
+        if spec.inputs not in ("blocks", "paper"):
+            raise ValueError(f"TPM inputs must be 'blocks' or 'paper', got {spec.inputs!r}")
+        self.paper = spec.inputs == "paper"
+        inv = math.log if self.paper else _inv_softplus
         with torch.no_grad():
-            last.bias.copy_(torch.tensor([_inv_softplus(alpha0 - 1.0), _inv_softplus(beta0 - 1.0)]))
+            last.bias.copy_(torch.tensor([inv(alpha0 - 1.0), inv(beta0 - 1.0)]))
 
     def forward(self, features: torch.Tensor, temb: torch.Tensor, sigma: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +106,14 @@ class TimePredictionModule(nn.Module):
         x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         x = F.silu(x)
         x = F.silu(self.down(x))
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        if self.paper:  # the official TPM: average-pool to 16 x 16, then max-pool (both halves of the head see it)
+            p = F.adaptive_avg_pool2d(x, min(16, x.shape[-1])).amax(dim=(2, 3))
+            pooled = torch.cat([p, p], dim=1)
+        else:
+            pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
         ab = self.head(pooled)
-        alpha = 1.0 + F.softplus(ab[:, 0])
-        beta = 1.0 + F.softplus(ab[:, 1])
-        return alpha, beta
+        act = torch.exp if self.paper else F.softplus
+        return 1.0 + act(ab[:, 0]), 1.0 + act(ab[:, 1])
 
 
 def beta_log_prob(alpha: torch.Tensor, beta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -133,9 +143,11 @@ def build_policy(cfg: Config, in_channels: int, temb_dim: int) -> TimePrediction
 
     The global torch RNG is left untouched, so building a policy never shifts other random draws.
     """
+    blocks = tuple(cfg.backbone.feature_blocks) if cfg.policy.inputs == "blocks" else ()
     spec = TPMSpec(in_channels=in_channels, temb_dim=temb_dim, grid=cfg.backbone.feature_grid,
-                   hidden=cfg.policy.hidden, feature_blocks=tuple(cfg.backbone.feature_blocks),
-                   init_ratio=cfg.policy.init_ratio, init_concentration=cfg.policy.init_concentration)
+                   hidden=cfg.policy.hidden, feature_blocks=blocks,
+                   init_ratio=cfg.policy.init_ratio, init_concentration=cfg.policy.init_concentration,
+                   inputs=cfg.policy.inputs)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(derive_key(cfg.seed, 0x7B3) % (2**63))
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import warn
+
 __all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "load_prompts"]
 
 #: Names accepted after ``builtin:`` and the bundled file each one maps to (in ``tpdm_rl.data``).
@@ -149,6 +151,9 @@ def load_prompts(source: str | os.PathLike[str]) -> list[str]:
     prompts = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_txt(text)
     if not prompts:
         raise PromptFileError(f"{where}: no prompts found; expected at least one non-blank, non-comment line")
+    distinct = len(set(prompts))
+    if len(prompts) > 1 and distinct == 1:
+        warn(f"{where}: all {len(prompts)} prompts are the same prompt; every group will train on it")
     return prompts
 
 

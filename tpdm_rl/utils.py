@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class DeviceError(ValueError):
+    """A configured device does not exist on this machine."""
+
+
+def check_device(key: str, device: str) -> None:
+    """One-line error when ``device`` names an accelerator this machine lacks (``auto`` always works)."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"config error: {key}: {device!r} is not a torch device (expected auto, cpu, cuda or "
+                          "cuda:N)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise DeviceError(f"config error: {key}: {device!r} requested but this machine has {n} CUDA "
+                              "device(s); use auto or cpu")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
@@ -55,6 +76,17 @@ def set_threads(threads: int | None) -> int:
     n = int(threads) if threads else available_cpus()
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------- messages
+_WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """A one-line ``tpdm-rl: warning: ...`` on stderr, once per distinct message per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"tpdm-rl: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- files

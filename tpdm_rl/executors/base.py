@@ -69,6 +69,8 @@ class RolloutPhase:
             "throughput/images_per_s": n / max(self.generated_s, 1e-9),
             "rollout/trajectories": n,
             "rollout/backbone_calls": sum(s.backbone_calls for s in self.summaries),
+            "rollout/reference_share": sum(s.reference_slot_steps for s in self.summaries)
+            / max(sum(s.slot_steps for s in self.summaries), 1),
         }
         for name, busy in self.reward_busy_s.items():
             out[f"time/reward_{name}_s"] = busy

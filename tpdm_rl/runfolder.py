@@ -1,0 +1,96 @@
+"""A run folder belongs to one run: a lock while it runs, no silent reuse, a history of what happened.
+
+- ``acquire`` takes an exclusive ``flock`` on ``<run>/.tpdm-rl.lock`` (the kernel drops it when the
+  process dies, even on SIGKILL, so a crashed run never leaves a stale lock) and writes the owner's
+  pid and host into it, for the message a second run gets.
+- A folder that already holds a run is refused unless the caller resumes it or asks to overwrite it;
+  ``--overwrite`` moves the old run aside (to ``<run>.replaced-<time>``) and says so.
+- ``history.jsonl`` records every start and resume, with any config change that was allowed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_FILE = ".tpdm-rl.lock"
+HISTORY_FILE = "history.jsonl"
+#: what a previous run leaves in its folder (the tiny backbone cache alone is not a run)
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "config.yaml", "summary.txt", "tb", HISTORY_FILE)
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used (one-line message naming it and what to do)."""
+
+
+def holds_a_run(folder: Path) -> list[str]:
+    """The entries of ``folder`` that show a previous run."""
+    return [e for e in RUN_ENTRIES if (folder / e).exists()]
+
+
+class RunFolder:
+    """Ownership of one run folder for the lifetime of a run."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fh = None
+        self.moved_to: Path | None = None
+
+    def acquire(self, resume: bool, overwrite: bool) -> RunFolder:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"--output {str(p)!r} is a file; expected a run folder")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            fh = open(p / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        except OSError as exc:
+            raise RunFolderError(f"cannot create run folder {str(p)!r}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "{}"
+            fh.close()
+            try:
+                o = json.loads(owner)
+            except json.JSONDecodeError:
+                o = {}
+            raise RunFolderError(f"run folder {str(p)!r} is in use by pid {o.get('pid', '?')} on host "
+                                 f"{o.get('host', '?')} (since {o.get('since', '?')}); wait for that run to end or "
+                                 "choose another --output") from None
+        self._fh = fh
+        prior = holds_a_run(p)
+        if prior and not resume:
+            if not overwrite:
+                self.release()
+                raise RunFolderError(f"run folder {str(p)!r} already holds a run ({', '.join(prior)}); pass "
+                                     "--resume auto to continue it, --overwrite to move it aside, or choose "
+                                     "another --output")
+            self.moved_to = p.with_name(f"{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.moved_to.mkdir()
+            for entry in prior:
+                os.replace(p / entry, self.moved_to / entry)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        fh.flush()
+        return self
+
+    def record(self, event: str, **fields) -> None:
+        """Append one line to ``history.jsonl``."""
+        rec = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "event": event, "pid": os.getpid(), **fields}
+        with open(self.path / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            finally:
+                self._fh.close()
+                self._fh = None
