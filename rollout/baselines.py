@@ -24,6 +24,11 @@ Method strings (``parse_method``):
     reads the transformer's features, which do not exist on a skipped step.
 ``tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP]``
     The same with the legacy rule.
+``tpm-mean[:N]``
+    The control for "adapts to the prompt" vs "learned a better global schedule": the TPM's own
+    schedules on the evaluated prompts, averaged over prompts (``schedules.mean_schedule``) and
+    resampled to one fixed N-step table that every prompt then uses. Without N, ``tpm-eval`` runs it
+    at the two integers around the TPM's mean NFE, so it can be compared at equal NFE.
 
 MAX_SKIP = 0 turns skipping off for either rule.
 
@@ -49,7 +54,7 @@ from .rng import keyed_normal_noise
 from .schedules import FixedSchedule, TPMSchedule
 
 METHOD_FORMS = ("fixed:N, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
-                "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP]")
+                "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm-mean[:N]")
 SKIPPING_KINDS = ("adaptive", "adaptive-legacy", "tpm+adaptive", "tpm+adaptive-legacy")
 DEFAULT_THRESHOLD = 0.01
 DEFAULT_MAX_SKIP = 4
@@ -66,8 +71,8 @@ class MethodError(ValueError):
 class Method:
     """A parsed sampling method."""
 
-    kind: str  # "fixed" | "tpm" | one of SKIPPING_KINDS
-    steps: int = 0  # fixed:N
+    kind: str  # "fixed" | "tpm" | "tpm-mean" | one of SKIPPING_KINDS
+    steps: int = 0  # fixed:N, tpm-mean:N (0: around the TPM's mean NFE)
     threshold: float = DEFAULT_THRESHOLD
     max_skip: int = DEFAULT_MAX_SKIP
 
@@ -77,12 +82,15 @@ class Method:
             return f"fixed:{self.steps}"
         if self.kind == "tpm":
             return "tpm"
+        if self.kind == "tpm-mean":
+            return f"tpm-mean:{self.steps}" if self.steps else "tpm-mean"
         tail = f"{self.threshold:g}" + (f":{self.max_skip}" if self.max_skip != DEFAULT_MAX_SKIP else "")
         return f"{self.kind}:{tail}"
 
     @property
     def uses_tpm(self) -> bool:
-        return self.kind.startswith("tpm")
+        """The TPM decides this method's steps (``tpm-mean`` replays a fixed table instead)."""
+        return self.kind.startswith("tpm") and self.kind != "tpm-mean"
 
     @property
     def skips(self) -> bool:
@@ -113,6 +121,13 @@ def parse_method(text: str) -> Method:
         if rest:
             raise _bad(raw, "'tpm' takes no argument")
         return Method("tpm")
+    if head == "tpm-mean":
+        if rest and not rest.isdigit():
+            raise _bad(raw, "tpm-mean takes an optional integer step count N >= 1")
+        n = int(rest) if rest else 0
+        if rest and not 1 <= n <= 1000:
+            raise _bad(raw, "N must be in 1..1000")
+        return Method("tpm-mean", steps=n)
     if head == "fixed":
         if not rest.isdigit():
             raise _bad(raw, "fixed needs an integer step count N >= 1")
@@ -205,21 +220,24 @@ class BaselineSampler:
         return TPMSchedule(self.policy, self.sigma_min, mode="mode", feature_dtype=self.feature_dtype)
 
     def run(self, method: Method | str, prompts: list[str], noise_seeds: list[int], decode: bool = True,
-            progress: Callable[[int], None] | None = None) -> SampleOutput:
-        """Sample every (prompt, noise seed) with ``method``; ``progress(k)`` is told of k finished images."""
+            progress: Callable[[int], None] | None = None, table: torch.Tensor | None = None) -> SampleOutput:
+        """Sample every (prompt, noise seed) with ``method``; ``progress(k)`` is told of k finished images.
+
+        ``table``: the sigma table of ``tpm-mean:N`` (N + 1 values ending with 0)."""
         m = parse_method(method) if isinstance(method, str) else method
         if len(prompts) != len(noise_seeds):
             raise ValueError(f"need one noise seed per prompt: {len(prompts)} prompts, {len(noise_seeds)} seeds")
+        if m.kind == "tpm-mean" and (table is None or table.numel() < 2):
+            raise MethodError(f"method {m.name!r} needs the TPM's mean schedule as a sigma table (tpdm-rl eval "
+                              "computes it from the tpm run)")
         parts: list[SampleOutput] = []
         # chunks keep the progress bar moving; within a chunk the engine batches continuously
         chunk = self.batch_size * 4 if not m.skips else self.batch_size
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(prompts), chunk):
             p, s = prompts[start:start + chunk], noise_seeds[start:start + chunk]
-            if m.kind == "fixed":
-                parts.append(self._run_engine(m, p, s, decode))
-            elif m.kind == "tpm":
-                parts.append(self._run_engine(m, p, s, decode))
+            if m.kind in ("fixed", "tpm", "tpm-mean"):
+                parts.append(self._run_engine(m, p, s, decode, table))
             else:
                 parts.append(self._run_skipping(m, p, s, decode))
             if progress is not None:
@@ -237,11 +255,14 @@ class BaselineSampler:
         return out
 
     # ------------------------------------------------------------------ fixed and tpm: the engine
-    def _run_engine(self, m: Method, prompts: list[str], seeds: list[int], decode: bool) -> SampleOutput:
+    def _run_engine(self, m: Method, prompts: list[str], seeds: list[int], decode: bool,
+                    table: torch.Tensor | None = None) -> SampleOutput:
         eng = self.engine
         before = eng.stats["backbone_calls"]
         if m.kind == "fixed":
             tr = eng.run_fixed(prompts, seeds, m.steps, decode=decode)
+        elif m.kind == "tpm-mean":
+            tr = eng.run_table(prompts, seeds, table, decode=decode)
         else:
             keys = torch.zeros(len(prompts), dtype=torch.int64)  # the Beta mode draws nothing
             tr = eng.run(prompts, seeds, keys, self._tpm_schedule(), decode=decode, max_steps=self.max_steps)

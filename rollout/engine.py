@@ -174,7 +174,13 @@ class SamplingEngine:
     def run_fixed(self, prompts: list[str], noise_seeds: list[int], num_steps: int, decode: bool = True
                   ) -> Trajectories:
         """The backbone's default (shifted) schedule with ``num_steps`` steps, e.g. fidelity references."""
-        sched = FixedSchedule(self.backbone.default_sigmas(num_steps))
+        return self.run_table(prompts, noise_seeds, self.backbone.default_sigmas(num_steps), decode)
+
+    def run_table(self, prompts: list[str], noise_seeds: list[int], sigmas: torch.Tensor, decode: bool = True
+                  ) -> Trajectories:
+        """Every prompt on one fixed sigma table (its first value is the start, the last 0)."""
+        sched = FixedSchedule(sigmas)
+        num_steps = sched.num_steps
         keys = torch.zeros(len(prompts), dtype=torch.int64)
         saved = self.sigma_max
         self.sigma_max = float(sched.sigmas[0])

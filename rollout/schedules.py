@@ -75,3 +75,28 @@ class TPMSchedule(Schedule):
         logp = beta_log_prob(alpha, beta, r)
         r, logp = r.to(sigma.device), logp.to(sigma.device)
         return Proposal(r * sigma, r, logp)
+
+
+def mean_schedule(schedules: list[torch.Tensor], num_steps: int, grid: int = 1001) -> torch.Tensor:
+    """The average of several schedules, resampled to one ``num_steps``-step table ending with 0.
+
+    Each schedule (its sigmas from the first step down to 0) is read as sigma over the fraction of its
+    own steps, u = k / steps in [0, 1], linearly interpolated on a common grid; the curves are
+    averaged over schedules and the mean curve is read at u = k / num_steps. Averages of decreasing
+    curves decrease, so the table is a valid schedule."""
+    if not schedules or num_steps < 1:
+        raise ValueError("mean_schedule needs at least one schedule and num_steps >= 1")
+    u = torch.linspace(0.0, 1.0, grid, dtype=torch.float64)
+    curves = []
+    for s in schedules:
+        s = s.double().reshape(-1)
+        x = torch.linspace(0.0, 1.0, s.numel(), dtype=torch.float64)
+        idx = torch.searchsorted(x, u, right=True).clamp(1, s.numel() - 1)
+        x0, x1, y0, y1 = x[idx - 1], x[idx], s[idx - 1], s[idx]
+        curves.append(y0 + (y1 - y0) * (u - x0) / (x1 - x0))
+    mean = torch.stack(curves).mean(0)
+    at = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+    pos = (at * (grid - 1)).round().long()
+    table = mean[pos].float()
+    table[-1] = 0.0
+    return table

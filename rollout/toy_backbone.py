@@ -3,11 +3,11 @@
 Parts (all standard diffusers/transformers classes, so ``StableDiffusion3Pipeline.from_pretrained``
 loads the folder offline like any SD3 checkpoint):
 
-- ``AutoencoderKL`` with 16 latent channels and 2x downsampling (64 px -> 32 x 32 latents), trained
+- ``AutoencoderKL`` with 16 latent channels and 4x downsampling (64 px -> 16 x 16 latents), trained
   on the world's images as a deterministic autoencoder on the posterior mean (L1 with object pixels
   weighted up, a little latent noise so the decoder tolerates imperfect latents, a small L2 on the
   latents instead of the KL term, which short training cannot balance);
-- ``SD3Transformer2DModel`` (4 heads x 32, patch 4: 8 x 8 = 64 image tokens) trained with SD3's rectified-flow
+- ``SD3Transformer2DModel`` (4 heads x 32, patch 2: 8 x 8 = 64 image tokens) trained with SD3's rectified-flow
   objective: diffusers' ``compute_density_for_timestep_sampling`` (logit-normal) over the
   ``FlowMatchEulerDiscreteScheduler`` training table and ``compute_loss_weighting_for_sd3``;
 - two ``CLIPTextModelWithProjection`` and a ``T5EncoderModel``, trained jointly with the
@@ -124,16 +124,16 @@ def build_toy_pipeline(seed: int = 0):
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
                             layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=IMAGE_SIZE,
                             use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
                             shift_factor=0.0, scaling_factor=1.0)
-        latent = IMAGE_SIZE // 2
-        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=4, in_channels=16, num_layers=5,
+        latent = IMAGE_SIZE // 4
+        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, num_layers=5,
                                             attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
                                             caption_projection_dim=128, pooled_projection_dim=64, out_channels=16,
-                                            pos_embed_max_size=2 * latent // 4)
+                                            pos_embed_max_size=latent)
         clip_cfg = dict(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=32,
                         bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,

@@ -191,3 +191,40 @@ def test_cli_unknown_preset_is_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "unknown preset 'nope'" in lines[0] and "sd3.5-large" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp_path, monkeypatch):
+    """SD3-Medium's real width (1536, hooks on blocks 0 and 1 of a 2-block transformer), bf16 backbone and bf16
+    stored features: one rollout task with the TPM and one learner update; shapes, dtypes, bytes per step."""
+    from tpdm_rl.config import load_config
+    from tpdm_rl.learner import Learner
+    from tpdm_rl.messages import LearnBatch, RolloutTask
+    from tpdm_rl.rollout.worker import RolloutWorker
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+    out = make_random_backbone(tmp_path / "sd3m", "sd3-medium", no_t5=True, dtype="bfloat16", seed=0, layers=2,
+                               overrides={"text_encoder": {"num_hidden_layers": 1},
+                                          "text_encoder_2": {"num_hidden_layers": 1}})
+    cfg = load_config("configs/sd3_medium.yaml", [
+        f"backbone.path={out}", "backbone.device=cpu", "backbone.resolution=128", "backbone.feature_grid=4",
+        "backbone.feature_blocks=[0,-1]", "backbone.max_sequence_length=16", "rollout.max_steps=3",
+        "rollout.batch_size=2", "rollout.prompts=builtin:eval", "train.device=cpu", "distributed.enabled=false"])
+    assert cfg.backbone.dtype == "bfloat16" and cfg.backbone.feature_dtype == "bfloat16"
+    worker = RolloutWorker(cfg, str(out))
+    assert worker.backbone.hidden_size == 1536 and worker.backbone.feature_channels == 2 * 1536
+    task = RolloutTask(0, 0, 2, ["a red apple", "a lighthouse at dusk"], [1, 2], torch.tensor([5, 6]), False, 0)
+    summary, rows, images = worker.run_task(task)
+    assert images.images.shape == (2, 3, 128, 128) and images.images.dtype == torch.float32
+    assert rows.features.dtype == torch.bfloat16 and rows.features.shape[1:] == (3072, 4, 4)
+    assert rows.temb.dtype == torch.bfloat16 and rows.temb.shape[1] == 1536
+    per_step = rows.features[0].numel() * 2 + rows.temb[0].numel() * 2
+    assert per_step == 3072 * 16 * 2 + 1536 * 2  # bytes per stored step
+    assert len(rows) == int(summary.steps.sum()) and 1 <= summary.steps.max() <= 3
+    learner = Learner(worker.policy, cfg.optim, cfg.algorithm, cfg.seed, "cpu")
+    batch = LearnBatch.from_rows([(rows, 0, len(rows), torch.tensor([1.0, -1.0]))])
+    before = {k: v.clone() for k, v in worker.policy.state_dict().items()}
+    m = learner.update(batch, 0)
+    assert m["policy/behaviour_logp_err"] < 1e-3 and m["health/skipped_steps"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in worker.policy.state_dict().items())

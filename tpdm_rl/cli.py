@@ -29,6 +29,7 @@ from .cli_eval import register
 from .cli_sweep import register as register_sweep
 from .config import ConfigError, load_config
 from .controller import Controller, write_summary
+from .evaluation import evaluate, headline
 from .executors.base import FatalRoleError
 from .prompts import PromptFileError
 from .runfolder import RunFolderError
@@ -120,11 +121,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     records = controller.train()
     print(f"\nrun finished: {output} (metrics.jsonl, tb/, checkpoints/)")
     print(write_summary(output, cfg))
+    if cfg.eval.enabled:
+        closing_evaluation(cfg, output)
     skipped = sum(1 for r in records if r.get("health/nonfinite_reward") or r.get("health/skipped_steps"))
     if records and skipped * 2 > len(records):
         raise RunUnhealthy(f"{skipped} of {len(records)} updates were skipped (non-finite reward, loss or gradient; "
                            f"see health/* in {output / 'metrics.jsonl'}): the trained TPM is not usable")
     return 0
+
+
+def closing_evaluation(cfg, output: Path) -> None:
+    """``tpdm-rl eval`` of the final checkpoint on the configured held-out prompts, into ``<output>/eval``."""
+    e = cfg.eval
+    t0 = time.perf_counter()
+    print(f"\nevaluating the final TPM on {e.prompts} ({e.methods}; rewards {e.rewards}) ...", flush=True)
+    report = evaluate(output, output / "eval", prompts=e.prompts, methods=e.methods, rewards=e.rewards,
+                      seeds=e.seeds, limit=e.limit or None, pareto_steps=e.pareto_steps, batch_size=e.batch_size,
+                      progress=cfg.logging.progress)
+    print(headline(report))
+    print(f"evaluation: {report['num_images']} held-out images in {time.perf_counter() - t0:.0f} s; table "
+          f"{output / 'eval' / 'results.md'}, images {output / 'eval' / 'grid.png'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

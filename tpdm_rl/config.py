@@ -207,6 +207,21 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1, description="checkpoints kept")
 
 
+class EvalConfig(_Strict):
+    """The evaluation ``tpdm-rl train`` runs after the last iteration (``tpdm-rl eval`` on the final checkpoint)."""
+
+    enabled: bool = Field(False, description="evaluate the final TPM into <output>/eval when training ends")
+    prompts: str = Field("builtin:eval", description="held-out prompts (never the training set)")
+    methods: str = Field("tpm,fixed:28,fixed:14,adaptive:0.01", description="methods compared (tpdm-rl eval "
+                         "--methods)")
+    rewards: str = Field("fidelity", description="comma-separated reward names scored")
+    pareto_steps: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 20, 28], min_length=1,
+                                    description="the fixed:N curve")
+    seeds: int = Field(1, ge=1, description="images per prompt")
+    limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
+    batch_size: int = Field(16, ge=1, description="concurrent images per backbone call")
+
+
 class LoggingConfig(_Strict):
     """Logs."""
 
@@ -234,6 +249,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the run")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="metrics and progress")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the closing evaluation of tpdm-rl train")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="the Ray layout")
 
     @model_validator(mode="after")
@@ -383,7 +399,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 #: keys that may change when a run is resumed: layout, devices, logging, length (the objective and the
 #: trajectories stay the same); every other key needs ``--allow-config-change KEY``
 RESUME_FREE_KEYS = ("output", "deterministic", "train.iterations", "train.device", "train.threads", "checkpoint.*",
-                    "logging.*", "distributed.*", "backbone.device", "backbone.tiny_dir", "rollout.batch_size",
+                    "logging.*", "eval.*", "distributed.*", "backbone.device", "backbone.tiny_dir", "rollout.batch_size",
                     "rollout.decode_batch_size", "rollout.continuous_batching", "rewards.*.num_workers",
                     "rewards.*.num_cpus", "rewards.*.num_gpus", "rewards.*.device", "rewards.*.batch_size")
 

@@ -1,7 +1,8 @@
 """The toy world: a grammar of prompts, a seeded scene sampler and an exact renderer.
 
 A scene is 1 to 4 flat-filled shapes (circle, axis-aligned square, upright triangle) in a palette
-colour on a plain background. Its prompt follows one grammar exactly::
+colour on a plain background, each in its own cell of a 3 x 3 grid (at a random offset inside the
+cell, so objects stay at least 4 px apart). Its prompt follows one grammar exactly::
 
     prompt := group ((", " group)* " and " group)? " on a " bg " background"
     group  := count " " colour " " shape          (count: a | two | three | four; plural shape if > 1)
@@ -35,9 +36,11 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COUNTS: dict[str, int] = {"a": 1, "two": 2, "three": 3, "four": 4}
 COUNT_WORDS: dict[int, str] = {v: k for k, v in COUNTS.items()}
 MAX_OBJECTS = 4
-MIN_GAP = 2  # pixels between the bounding boxes of two objects (at 64 px)
+GRID = 3  # objects sit in distinct cells of a GRID x GRID grid
+CELL_MARGIN = 2  # free pixels on every side inside a cell: objects are at least 2 * CELL_MARGIN apart
+MIN_GAP = 2 * CELL_MARGIN  # pixels between the bounding boxes of two objects (at 64 px)
 #: bounding-box side range in pixels (at 64 px) by number of objects: more objects, smaller objects
-SIZE_RANGE: dict[int, tuple[int, int]] = {1: (12, 26), 2: (10, 20), 3: (8, 16), 4: (8, 14)}
+SIZE_RANGE: dict[int, tuple[int, int]] = {1: (12, 17), 2: (10, 17), 3: (9, 15), 4: (8, 13)}
 HELDOUT_PERCENT = 15  # share of combinations held out of every training set
 #: every word the grammar can produce (the toy text encoders' vocabulary)
 VOCABULARY: tuple[str, ...] = tuple(
@@ -178,28 +181,29 @@ def sample_prompt(rng: np.random.Generator, num_objects: int | None = None, spli
     raise RuntimeError("could not draw a prompt of the requested split")  # unreachable in practice
 
 
+def cells(size: int = IMAGE_SIZE) -> list[tuple[int, int, int, int]]:
+    """The grid's cells as (x0, y0, width, height), row by row."""
+    edges = [round(k * size / GRID) for k in range(GRID + 1)]
+    return [(edges[c], edges[r], edges[c + 1] - edges[c], edges[r + 1] - edges[r])
+            for r in range(GRID) for c in range(GRID)]
+
+
 def layout(prompt: Prompt, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
-    """Place the prompt's objects: sizes from :data:`SIZE_RANGE`, bounding boxes >= MIN_GAP apart."""
+    """Place the prompt's objects in distinct random cells, sizes from :data:`SIZE_RANGE`, at a random offset
+    that keeps ``CELL_MARGIN`` pixels free on every side of the cell."""
     scale = size / IMAGE_SIZE
     lo, hi = SIZE_RANGE[prompt.num_objects]
-    gap = max(1, round(MIN_GAP * scale))
+    margin = max(1, round(CELL_MARGIN * scale))
     items = [(g.colour, g.shape) for g in prompt.groups for _ in range(g.count)]
-    for _ in range(1000):
-        placed: list[PlacedObject] = []
-        for colour, shape in items:
-            s = max(round(8 * scale), round(int(rng.integers(lo, hi + 1)) * scale))
-            for _ in range(200):
-                x0, y0 = (int(v) for v in rng.integers(1, size - s, size=2))
-                if all(x0 + s + gap <= o.x0 or o.x0 + o.size + gap <= x0 or y0 + s + gap <= o.y0
-                       or o.y0 + o.size + gap <= y0 for o in placed):
-                    placed.append(PlacedObject(colour, shape, x0, y0, s))
-                    break
-            else:
-                break
-        if len(placed) == len(items):
-            order = rng.permutation(len(placed))
-            return Scene(prompt, [placed[int(i)] for i in order])
-    raise RuntimeError(f"could not lay out {prompt.text!r}")  # unreachable for the size ranges above
+    grid = cells(size)
+    placed: list[PlacedObject] = []
+    for (colour, shape), cell in zip(items, rng.permutation(len(grid))[:len(items)]):
+        cx, cy, cw, ch = grid[int(cell)]
+        s = min(max(round(8 * scale), round(int(rng.integers(lo, hi + 1)) * scale)), min(cw, ch) - 2 * margin)
+        x0 = cx + margin + int(rng.integers(0, cw - 2 * margin - s + 1))
+        y0 = cy + margin + int(rng.integers(0, ch - 2 * margin - s + 1))
+        placed.append(PlacedObject(colour, shape, x0, y0, s))
+    return Scene(prompt, placed)
 
 
 def shape_mask(shape: str, s: int) -> np.ndarray:
@@ -259,3 +263,22 @@ def complexity(text: str) -> tuple[int, int]:
     """(number of objects, number of groups) of a prompt."""
     p = parse_prompt(text)
     return p.num_objects, p.num_groups
+
+
+#: the bundled prompt sets (``builtin:toy-train`` / ``builtin:toy-heldout``): (seed, count, split, file)
+TOY_PROMPT_SETS = {"toy-train": (1000, 2000, "train", "toy_train.txt"),
+                   "toy-heldout": (2000, 200, "heldout", "toy_heldout.txt")}
+
+
+def toy_prompt_file(name: str) -> str:
+    """The text of a bundled toy prompt set: a header comment, then one prompt per line.
+
+    ``toy-train`` keeps each distinct prompt once; ``toy-heldout`` keeps its 50 prompts per object
+    count, so the few 1-object held-out combinations repeat (each line gets its own noise seed)."""
+    seed, count, split, _ = TOY_PROMPT_SETS[name]
+    prompts = prompt_set(seed, count, split)
+    if split == "train":
+        prompts = list(dict.fromkeys(prompts))
+    head = (f"# tpdm-rl toy world, {split} split: {len(prompts)} prompts (toyworld.prompt_set({seed}, {count}, "
+            f"{split!r})); train and held-out sets never share a combination\n")
+    return head + "".join(p + "\n" for p in prompts)

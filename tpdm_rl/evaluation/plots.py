@@ -154,3 +154,29 @@ def plot_grid(path: Path, results: dict[str, MethodResult], shown: list[str], ro
 
 def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
+
+
+def plot_complexity(path: Path, report: dict) -> None:
+    """Steps (NFE) against prompt complexity: per number of objects, each method's mean NFE with its SE, and
+    the TPM's per-image spread."""
+    cx = report["complexity"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(cx["nfe_by_objects"])
+    for i, name in enumerate(methods):
+        lv = cx["nfe_by_objects"][name]
+        xs = [int(k) for k in lv]
+        ys = [lv[k]["mean"] for k in lv]
+        es = [lv[k]["se"] for k in lv]
+        style = {"lw": 2.2, "marker": "o"} if name == "tpm" else {"lw": 1.0, "marker": ".", "alpha": 0.8}
+        ax.errorbar([x + 0.04 * (i - len(methods) / 2) for x in xs], ys, yerr=es, label=name, capsize=3, **style)
+    if "tpm" in cx["nfe_by_objects"]:
+        rho = cx["spearman_tpm_nfe"]["objects"]
+        ax.set_title(f"steps vs complexity (TPM: Spearman rho {rho['rho']:.2f}, p {rho['p']:.2g})", fontsize=10)
+    ax.set_xlabel("objects in the prompt")
+    ax.set_ylabel("NFE (transformer calls) per image, mean ± SE")
+    ax.set_xticks(sorted({int(k) for lv in cx["nfe_by_objects"].values() for k in lv}))
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -11,7 +11,7 @@ def _fmt(ms: dict, digits: int = 2) -> str:
 
 def results_markdown(report: dict) -> str:
     """The human-readable table of ``results.json``."""
-    extra = [r for r in report["rewards"] if r != "fidelity"]
+    extra = [r for r in report.get("metrics", report["rewards"]) if r != "fidelity"]
     ref = report["reference"]
     head = ["method", "NFE mean [min-max]", f"PSNR vs {ref} (dB)", f"SSIM vs {ref}"] + extra + [
         "s / image", "CPU s / image", "speed-up (time)", "speed-up (NFE)"]
@@ -56,4 +56,78 @@ def results_markdown(report: dict) -> str:
                          f"{r['steps']['min']}..{r['steps']['max']}.")
     if notes:
         lines += ["", "## Per-image variation", ""] + notes
+    lines += comparison_lines(report) + complexity_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def comparison_lines(report: dict) -> list[str]:
+    """The TPM against each schedule family at the TPM's mean NFE (paired differences)."""
+    comp = report.get("comparisons")
+    if not comp:
+        return []
+    out = ["", "## TPM vs fixed schedules at equal NFE", "",
+           "Each family is read at the TPM's mean NFE by linear interpolation between its two members around it, "
+           "image by image; the difference is TPM minus family with its paired standard error (same prompts, same "
+           "noise), and z = difference / SE.", "",
+           "| metric | family | between | TPM | family at equal NFE | TPM - family | z |", "|---|---|---|---|---|---|---|"]
+    for metric, fams in comp.items():
+        for fam, c in fams.items():
+            if c is None:
+                out.append(f"| {metric} | {fam} | (does not bracket the TPM's NFE) | | | | |")
+                continue
+            lo, hi = c["between"]
+            out.append(f"| {metric} | {fam} | {lo}-{hi} steps | {_fmt(c['target'], 4)} | {_fmt(c['family'], 4)} | "
+                       f"{c['difference']['mean']:+.4f} ± {c['difference']['se']:.2g} | {c['z']:+.1f} |")
+    return out
+
+
+def complexity_lines(report: dict) -> list[str]:
+    """Mean NFE per number of objects, and the TPM's rank correlation with complexity."""
+    cx = report.get("complexity")
+    if not cx:
+        return []
+    methods = list(cx["nfe_by_objects"])
+    levels = sorted({k for lv in cx["nfe_by_objects"].values() for k in lv}, key=int)
+    out = ["", "## Steps by prompt complexity (steps_vs_complexity.png)", "",
+           "| method | " + " | ".join(f"{k} object(s): NFE" for k in levels) + " |",
+           "|" + "---|" * (len(levels) + 1)]
+    for name in methods:
+        lv = cx["nfe_by_objects"][name]
+        out.append(f"| {name} | " + " | ".join(_fmt(lv[k]) if k in lv else "" for k in levels) + " |")
+    metrics = [m for m in report.get("metrics", []) if m != "fidelity"]
+    for metric in metrics:
+        out += ["", f"{metric} by number of objects:", "",
+                "| method | " + " | ".join(f"{k} object(s)" for k in levels) + " |", "|" + "---|" * (len(levels) + 1)]
+        for name in methods:
+            lv = cx["scores_by_objects"][name].get(metric, {})
+            out.append(f"| {name} | " + " | ".join(_fmt(lv[k], 3) if k in lv else "" for k in levels) + " |")
+    if "spearman_tpm_nfe" in cx:
+        o, g = cx["spearman_tpm_nfe"]["objects"], cx["spearman_tpm_nfe"]["groups"]
+        out += ["", f"Spearman rank correlation of the TPM's NFE with the number of objects: rho = {o['rho']:.3f} "
+                    f"(p = {o['p']:.2g}); with the number of groups: rho = {g['rho']:.3f} (p = {g['p']:.2g})."]
+    return out
+
+
+def headline(report: dict) -> str:
+    """A few lines for a terminal: each method's NFE and main scores, and the equal-NFE verdicts."""
+    metrics = [m for m in report.get("metrics", []) if m != "fidelity"] or ["fidelity"]
+    lines = [f"{'method':<16}{'NFE':>7}" + "".join(f"{m:>18}" for m in metrics)]
+    for r in report["methods"]:
+        cells = []
+        for m in metrics:
+            ms = r["rewards"].get(m)
+            cells.append(f"{ms['mean']:>11.3f} ± {ms['se']:<4.2g}" if ms else f"{'':>18}")
+        lines.append(f"{r['method']:<16}{r['nfe']['mean']:>7.2f}" + "".join(cells))
+    for metric, fams in (report.get("comparisons") or {}).items():
+        if metric not in metrics:
+            continue
+        for fam, c in fams.items():
+            if c is not None:
+                lines.append(f"tpm - {fam} at {c['nfe']:.2f} NFE, {metric}: {c['difference']['mean']:+.4f} ± "
+                             f"{c['difference']['se']:.2g} (z {c['z']:+.1f})")
+    cx = report.get("complexity")
+    if cx and "spearman_tpm_nfe" in cx:
+        lv = cx["nfe_by_objects"]["tpm"]
+        lines.append("tpm NFE by objects: " + ", ".join(f"{k}: {v['mean']:.2f}" for k, v in lv.items())
+                     + f"; Spearman rho {cx['spearman_tpm_nfe']['objects']['rho']:.3f}")
+    return "\n".join(lines)

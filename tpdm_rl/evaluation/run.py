@@ -26,9 +26,11 @@ from tpdm_rl.rewards.registry import RewardError, build_reward
 from tpdm_rl.rollout.baselines import Method, SampleOutput, parse_method, parse_methods
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rollout.schedules import mean_schedule
 from tpdm_rl.rollout.settings import locate_tpm
 
-from .plots import plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
+from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
+from .plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
 from .report import results_markdown
 
 REFERENCE = Method("fixed", steps=28)
@@ -46,14 +48,6 @@ def noise_seed(prompt_index: int, k: int) -> int:
 
 
 # ---------------------------------------------------------------------------- small helpers
-def mean_se(x: torch.Tensor) -> dict[str, float]:
-    """Mean and standard error of the mean (sample std / sqrt(n))."""
-    x = x.double().reshape(-1)
-    n = x.numel()
-    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-    return {"mean": float(x.mean()) if n else float("nan"), "se": se}
-
-
 def ssim_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """SSIM of each image against its reference (torchmetrics, data range 1)."""
     k = 11 if min(images.shape[-2:]) >= 11 else (min(images.shape[-2:]) // 2) * 2 - 1
@@ -167,42 +161,66 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     n_img = len(items)
     grid_idx = [j for j, (i, k) in enumerate(items) if k == 0][:max(int(grid_prompts), 0)]
 
-    runs: list[Method] = [REFERENCE] + [m for m in table if m != REFERENCE]
+    wants_mean = [m for m in table if m.kind == "tpm-mean"]
+    tpm = Method("tpm")
+    runs: list[Method] = [REFERENCE] + ([tpm] if wants_mean or tpm in table else [])
+    runs += [m for m in table if m not in runs and m.kind != "tpm-mean"]
     runs += [m for m in (Method("fixed", steps=n) for n in pareto) if m not in runs]
     # untimed: encode every prompt once (cached) and warm every code path up on one image
     bb.encode_prompts(sorted(set(all_prompts)) + [bb.negative_prompt])
     for m in {m.kind: m for m in runs}.values():
         sampler.run(Method("fixed", steps=2) if m.kind == "fixed" else m, all_prompts[:1], all_seeds[:1])
     repeats = max(int(timing_repeats), 1)
-    bar = tqdm(total=len(runs) * n_img * repeats, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=(len(runs) + 2 * len(wants_mean)) * n_img * repeats, desc="eval", unit="img",
+               disable=not progress, dynamic_ncols=True)
     results: dict[str, MethodResult] = {}
+    tables: dict[str, torch.Tensor] = {}
     ref_images = None
+
+    def run_one(m: Method, table: torch.Tensor | None = None) -> None:
+        nonlocal ref_images
+        bar.set_postfix_str(m.name)
+        out: SampleOutput = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=table)
+        if ref_images is None:
+            ref_images = out.images
+        scores = {}
+        for name, model in reward_models.items():
+            s, extra = model.score_details(out.images, all_prompts, ref_images if model.needs_reference else None)
+            scores[name] = s
+            scores.update({f"{name}_{k}": v for k, v in extra.items()})
+        results[m.name] = MethodResult(
+            method=m.name, nfe=out.nfe, steps=out.steps, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
+            psnr=psnr(out.images, ref_images), ssim=ssim_per_image(out.images, ref_images), rewards=scores,
+            sigmas=out.sigmas, called=out.called, grid_images=out.images[grid_idx].clone(),
+            is_reference=m == REFERENCE)
+
     try:
         for m in runs:
-            bar.set_postfix_str(m.name)
-            out: SampleOutput = sampler.run(m, all_prompts, all_seeds, progress=bar.update)
-            if ref_images is None:
-                ref_images = out.images
-            scores = {}
-            for name, model in reward_models.items():
-                scores[name] = model.score(out.images, all_prompts, ref_images if model.needs_reference else None)
-            results[m.name] = MethodResult(
-                method=m.name, nfe=out.nfe, steps=out.steps, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
-                psnr=psnr(out.images, ref_images),
-                ssim=ssim_per_image(out.images, ref_images), rewards=scores, sigmas=out.sigmas, called=out.called,
-                grid_images=out.images[grid_idx].clone(), is_reference=m == REFERENCE)
-            del out
+            run_one(m)
+        mean_runs = []
+        for m in wants_mean:  # the TPM's own mean schedule as one fixed table, at equal NFE with the TPM
+            mean_nfe = float(results["tpm"].nfe.double().mean())
+            ns = [m.steps] if m.steps else sorted({max(1, math.floor(mean_nfe)), max(1, math.ceil(mean_nfe))})
+            for n in ns:
+                mm = Method("tpm-mean", steps=n)
+                if mm.name not in results:
+                    tables[mm.name] = mean_schedule(results["tpm"].sigmas, n)
+                    run_one(mm, tables[mm.name])
+                    mean_runs.append(mm)
         for _ in range(repeats - 1):  # round-robin re-timing: a burst of load hits one pass, not one method
-            for m in runs:
+            for m in runs + mean_runs:
                 bar.set_postfix_str(f"{m.name} (timing)")
-                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update)
+                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=tables.get(m.name))
                 r = results[m.name]
                 r.seconds, r.cpu_seconds = min(r.seconds, again.seconds), min(r.cpu_seconds, again.cpu_seconds)
     finally:
         bar.close()
 
     ref = results[REFERENCE.name]
-    shown = [m.name for m in table]
+    shown = []
+    for m in table:
+        names = [x.name for x in mean_runs] if m.kind == "tpm-mean" and not m.steps else [m.name]
+        shown += [n for n in names if n not in shown]
     if REFERENCE.name not in shown:
         shown.append(REFERENCE.name)
     rows = [results[name].row(ref, n_img) for name in shown]
@@ -212,7 +230,9 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         rec = {"prompt_index": i, "k": k, "prompt": prompt_list[i], "seed": all_seeds[j],
                "nfe": {name: int(results[name].nfe[j]) for name in shown},
                "psnr": {name: round(float(results[name].psnr[j]), 4) for name in shown},
-               "ssim": {name: round(float(results[name].ssim[j]), 5) for name in shown}}
+               "ssim": {name: round(float(results[name].ssim[j]), 5) for name in shown},
+               "rewards": {name: {r: round(float(v[j]), 5) for r, v in results[name].rewards.items()}
+                           for name in shown}}
         sch = {name: [round(float(s), 5) for s in results[name].sigmas[j]] for name in shown
                if parse_method(name).uses_tpm}
         if sch:
@@ -222,10 +242,14 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "backbone": bb.path, "device": str(bb.device),
         "prompts": str(prompts), "num_prompts": len(prompt_list), "seeds_per_prompt": int(seeds),
         "num_images": n_img, "resolution": sampler.height, "guidance_scale": bb.guidance_scale,
-        "reference": REFERENCE.name, "rewards": list(reward_models), "tpm_settings": pipe.settings,
-        "timing_repeats": repeats,
+        "reference": REFERENCE.name, "rewards": list(reward_models),
+        "metrics": list(results[REFERENCE.name].rewards), "tpm_settings": pipe.settings,
+        "timing_repeats": repeats, "threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "methods": rows, "pareto": curve, "per_image": per_image,
+        "methods": rows, "pareto": curve,
+        "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in tables.items()},
+        "comparisons": compare_tpm(results), "complexity": complexity_report(results, all_prompts, shown),
+        "per_image": per_image,
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "results.md").write_text(results_markdown(report))
@@ -233,4 +257,40 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     plot_nfe_hist(out_dir / "nfe_hist.png", results, shown)
     plot_pareto(out_dir / "pareto.png", report, shown)
     plot_grid(out_dir / "grid.png", results, shown, [prompt_list[items[j][0]] for j in grid_idx], grid_idx)
+    if report["complexity"] is not None:
+        plot_complexity(out_dir / "steps_vs_complexity.png", report)
     return report
+
+
+def compare_tpm(results: dict[str, MethodResult]) -> dict | None:
+    """Every score of the TPM against the fixed:N curve and the tpm-mean tables at the TPM's mean NFE."""
+    if "tpm" not in results:
+        return None
+    tpm = results["tpm"]
+    m = float(tpm.nfe.double().mean())
+    families = {"fixed": {}, "tpm-mean": {}}
+    for name, r in results.items():
+        head, _, n = name.partition(":")
+        if head in families and n.isdigit():
+            families[head][int(n)] = r
+    out = {}
+    for metric in tpm.rewards:
+        out[metric] = {fam: at_equal_nfe(tpm.rewards[metric], m, {n: r.rewards[metric] for n, r in members.items()})
+                       for fam, members in families.items() if members}
+    return out
+
+
+def complexity_report(results: dict[str, MethodResult], prompts: list[str], shown: list[str]) -> dict | None:
+    """NFE and scores per complexity level (objects, groups) and Spearman's rho of the TPM's NFE with complexity
+    (toy-world prompts only)."""
+    levels = complexity_of(prompts)
+    if levels is None:
+        return None
+    objects, groups = levels
+    out = {"nfe_by_objects": {n: by_level(results[n].nfe, objects) for n in shown},
+           "nfe_by_groups": {n: by_level(results[n].nfe, groups) for n in shown},
+           "scores_by_objects": {n: {r: by_level(v, objects) for r, v in results[n].rewards.items()} for n in shown}}
+    if "tpm" in results:
+        out["spearman_tpm_nfe"] = {"objects": rank_correlation(objects, results["tpm"].nfe),
+                                   "groups": rank_correlation(groups, results["tpm"].nfe)}
+    return out

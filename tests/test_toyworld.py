@@ -1,0 +1,183 @@
+"""The toy world: grammar, renderer, prompt sets, and the exact ``shapes`` reward."""
+
+from __future__ import annotations
+
+import itertools
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from tpdm_rl.rewards.registry import RewardError, build_reward
+from tpdm_rl.rewards.shapes import analyse
+
+from tpdm_rl.toyworld import (
+    BACKGROUNDS,
+    COLOURS,
+    MIN_GAP,
+    TOY_PROMPT_SETS,
+    Group,
+    PlacedObject,
+    Prompt,
+    PromptError,
+    Scene,
+    parse_prompt,
+    render,
+    sample_scene,
+    shape_mask,
+    toy_prompt_file,
+)
+
+
+def _images(scenes: list[Scene]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+
+
+def test_renderer_is_deterministic_and_follows_the_layout_rules():
+    a, b = sample_scene(123, split="any"), sample_scene(123, split="any")
+    assert np.array_equal(render(a), render(b)) and a.prompt == b.prompt
+    assert not np.array_equal(render(a), render(sample_scene(124, split="any")))
+    for seed in range(300):
+        sc = sample_scene(seed, split="any")
+        img = render(sc)
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert tuple(img[0, 0]) == BACKGROUNDS[sc.prompt.background]  # objects keep a 1 px border free
+        assert 1 <= len(sc.objects) <= 4 and len(sc.objects) == sc.prompt.num_objects
+        for o, p in itertools.combinations(sc.objects, 2):  # bounding boxes at least MIN_GAP apart
+            gap_x = max(p.x0 - (o.x0 + o.size), o.x0 - (p.x0 + p.size))
+            gap_y = max(p.y0 - (o.y0 + o.size), o.y0 - (p.y0 + p.size))
+            assert max(gap_x, gap_y) >= MIN_GAP
+        for o in sc.objects:
+            assert o.size >= 8
+            colours = {tuple(c) for c in img[o.y0:o.y0 + o.size, o.x0:o.x0 + o.size][shape_mask(o.shape, o.size)]}
+            assert colours == {COLOURS[o.colour]}  # flat fill, exact palette colour
+
+
+def test_shape_masks_fill_their_box_as_expected():
+    for s in (8, 13, 26):
+        sq, ci, tr = (shape_mask(k, s) for k in ("square", "circle", "triangle"))
+        assert sq.all()
+        assert 0.7 < ci.mean() < 0.85 and ci[s // 2].all() and ci[:, s // 2].all()
+        assert 0.45 < tr.mean() < 0.65 and tr[-1].all() and tr[0].sum() <= 2  # apex up
+
+
+def test_parser_round_trips_the_grammar():
+    for seed in range(500):
+        p = sample_scene(seed, split="any").prompt
+        assert parse_prompt(p.text) == p
+    p = parse_prompt("two red circles, a blue square and a yellow triangle on a white background")
+    assert p.groups == (Group(2, "red", "circle"), Group(1, "blue", "square"), Group(1, "yellow", "triangle"))
+    assert (p.num_objects, p.num_groups, p.background) == (4, 3, "white")
+
+
+@pytest.mark.parametrize("bad", [
+    "a red circle", "a red circle on a pink background", "one red circle on a white background",
+    "two red circle on a white background", "a red circles on a white background",
+    "a red circle, a blue square on a white background", "a red circle and a red circle on a white background",
+    "three red circles and two blue squares on a white background", "a red  circle on a white background",
+    "A red circle on a white background", "a teal circle on a white background",
+])
+def test_prompts_outside_the_grammar_are_refused_with_the_prompt_named(bad):
+    with pytest.raises(PromptError, match="not in the toy grammar") as e:
+        parse_prompt(bad)
+    assert repr(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bundled_prompt_sets_are_current_and_disjoint_as_combinations():
+    combos = {}
+    for name, (_, _, split, fname) in TOY_PROMPT_SETS.items():
+        text = resources.files("tpdm_rl.data").joinpath(fname).read_text()
+        assert text == toy_prompt_file(name), f"{fname} is stale: regenerate with toyworld.toy_prompt_file"
+        prompts = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+        parsed = [parse_prompt(p) for p in prompts]
+        assert all(p.heldout == (split == "heldout") for p in parsed)
+        combos[split] = {p.combination for p in parsed}
+    assert combos["train"] and combos["heldout"] and not combos["train"] & combos["heldout"]
+    held = [parse_prompt(p) for p in toy_prompt_file("toy-heldout").splitlines()[1:]]
+    assert [sum(p.num_objects == k for p in held) for k in (1, 2, 3, 4)] == [50, 50, 50, 50]
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+def test_every_rendered_scene_scores_one():
+    scenes = [sample_scene(s, split="any") for s in range(400)]
+    a = analyse(_images(scenes), [s.prompt.text for s in scenes])
+    assert a.exact.all() and torch.equal(a.score, torch.ones(400))
+
+
+def _scene(objects, bg="white") -> Scene:
+    groups: dict[tuple[str, str], int] = {}
+    for colour, shape, *_ in objects:
+        groups[(colour, shape)] = groups.get((colour, shape), 0) + 1
+    prompt = Prompt(tuple(Group(n, c, s) for (c, s), n in groups.items()), bg)
+    return Scene(prompt, [PlacedObject(c, s, x, y, size) for c, s, x, y, size in objects])
+
+
+BASE = [("red", "circle", 4, 4, 14), ("red", "circle", 30, 4, 14), ("blue", "square", 4, 34, 14),
+        ("yellow", "triangle", 34, 36, 16)]
+
+
+def _check(image_objects, prompt_scene, bg="white"):
+    """Analyse an image with ``image_objects`` on ``bg`` against ``prompt_scene``'s prompt."""
+    drawn = Scene(Prompt(prompt_scene.prompt.groups, bg),
+                  [PlacedObject(c, s, x, y, z) for c, s, x, y, z in image_objects])
+    return analyse(_images([drawn]), [prompt_scene.prompt.text])
+
+
+@pytest.mark.parametrize("edit, lost", [
+    ("none", set()),
+    ("missing one of two", {"count:red circle"}),
+    ("missing a single", {"colour:blue square", "shape:blue square", "count:blue square"}),
+    ("extra", {"no extra"}),
+    ("recoloured", {"colour:blue square"}),
+    ("reshaped", {"shape:blue square"}),
+    ("background", {"background"}),
+])
+def test_a_wrong_object_loses_exactly_its_constraint(edit, lost):
+    target = _scene(BASE)  # two red circles, a blue square and a yellow triangle on a white background
+    objs = list(BASE)
+    bg = "white"
+    if edit == "missing one of two":
+        objs.pop(1)
+    elif edit == "missing a single":
+        objs.pop(2)
+    elif edit == "extra":
+        objs.append(("green", "square", 50, 20, 9))
+    elif edit == "recoloured":
+        objs[2] = ("green", "square", 4, 34, 14)
+    elif edit == "reshaped":
+        objs[2] = ("blue", "circle", 4, 34, 14)
+    elif edit == "background":
+        bg = "gray"
+    a = _check(objs, target, bg)
+    names = [f"{g.colour} {g.shape}" for g in target.prompt.groups]
+    failed = set()
+    for j, n in enumerate(names):
+        failed |= {f"colour:{n}"} if not a.colour_ok[0, j] else set()
+        failed |= {f"shape:{n}"} if not a.shape_ok[0, j] else set()
+        failed |= {f"count:{n}"} if not a.count_ok[0, j] else set()
+    failed |= set() if a.background_ok[0] else {"background"}
+    failed |= set() if a.no_extra[0] else {"no extra"}
+    assert failed == lost
+    total = 3 * len(names) + 2
+    assert int(a.total[0]) == total and a.score[0].item() == pytest.approx((total - len(lost)) / total)
+    assert bool(a.exact[0]) == (not lost)
+
+
+def test_scoring_is_batched_and_matches_one_at_a_time():
+    scenes = [sample_scene(s, split="any") for s in range(12)]
+    imgs = _images(scenes)
+    imgs[3] = imgs[3].flip(-1).roll(7, dims=-1)  # some images with mistakes
+    imgs[5] = imgs[5] * 0.7
+    prompts = [s.prompt.text for s in scenes[::-1]]  # mismatched prompts: most constraints fail
+    together = analyse(imgs, prompts)
+    alone = torch.cat([analyse(imgs[i:i + 1], prompts[i:i + 1]).score for i in range(12)])
+    assert torch.equal(together.score, alone) and (together.score < 1).any()
+
+
+def test_shapes_reward_is_registered_and_refuses_prompts_outside_the_grammar():
+    r = build_reward("shapes")
+    scenes = [sample_scene(s, split="any") for s in range(3)]
+    scores, extra = r.score_details(_images(scenes), [s.prompt.text for s in scenes])
+    assert torch.equal(scores, torch.ones(3)) and torch.equal(extra["exact"], torch.ones(3))
+    with pytest.raises(RewardError, match="a photo of a cat"):
+        r.score(_images(scenes[:1]), ["a photo of a cat"])
