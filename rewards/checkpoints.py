@@ -7,11 +7,12 @@ tests and the tiny configs always pass local paths.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors.torch import load_file
 
 from .registry import RewardError
@@ -54,11 +55,32 @@ def require_dir(path: str | os.PathLike | None, what: str, where_to_get: str,
     return p
 
 
+HUB_HOST = "huggingface.co"
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub (a few seconds at most), so a machine without network fails at once
+    instead of after the hub client's retries."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_file(path: str | os.PathLike | None, what: str, where_to_get: str,
                  hub_repo: str | None = None, hub_file: str | None = None) -> Path:
     """A local file, or (only when ``path`` is None, a hub repo/file is named and the hub is not
     offline) a file fetched with ``huggingface_hub.hf_hub_download``."""
     if path is None and hub_repo and hub_file and not hub_offline():
+        cached = try_to_load_from_cache(repo_id=hub_repo, filename=hub_file)
+        if isinstance(cached, str):
+            return Path(cached)
+        if not hub_reachable():
+            raise RewardError(one_line(f"{what}: no local checkpoint given and the hub ({HUB_HOST}) is not "
+                                        f"reachable; get {hub_file!r} from hub repo {hub_repo!r} ({where_to_get}) "
+                                        "and pass its local path"))
         try:
             return Path(hf_hub_download(repo_id=hub_repo, filename=hub_file))
         except Exception as exc:

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from tpdm_rl.rollout.tiny_backbone import tiny_clip_tokenizer
+from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from .aesthetic import RewardMLP
 from .hpsv2 import create_open_clip
@@ -97,30 +98,6 @@ def make_tiny_aesthetic(folder: str | Path, seed: int = 0, name: str = TINY_OPEN
     torch.save(mlp.state_dict(), mlp_path)
     return {"checkpoint": str(mlp_path), "clip_checkpoint": str(clip_path),
             "clip_model_name": str(write_tiny_open_clip_config(folder, name))}
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def tiny_clip_tokenizer():
-    """A byte-level CLIPTokenizer (no merges) built offline; returns (tokenizer, vocab size)."""
-    vocab: dict[str, int] = {}
-    for s in _bytes_to_unicode():
-        vocab[s] = len(vocab)
-    for s in _bytes_to_unicode():
-        vocab[s + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
 
 
 def make_tiny_hf_clip(folder: str | Path, seed: int = 0) -> dict:

@@ -124,7 +124,8 @@ class SamplingEngine:
                 pi = torch.nonzero(pol).reshape(-1)
                 feats = out.features[pi.to(out.features.device)].to(self.feature_dtype) if schedule.uses_features \
                     else out.features
-                temb = out.temb[pi.to(out.temb.device)] if schedule.uses_features else out.temb
+                temb = out.temb[pi.to(out.temb.device)].to(self.feature_dtype) if schedule.uses_features \
+                    else out.temb
                 prop = schedule.propose(feats, temb, sigma_now[pi], stp[act][pi], sample_keys[traj[pi]])
                 proposal[pi] = prop.sigma_next.float().cpu()
             if not pol.all():

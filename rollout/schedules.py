@@ -64,10 +64,10 @@ class TPMSchedule(Schedule):
 
     @torch.no_grad()
     def propose(self, features, temb, sigma, step, keys) -> Proposal:
-        # the policy sees exactly what is stored for the learner (features cast to the storage dtype)
+        # the policy sees exactly what is stored for the learner (features and temb in the storage dtype)
         dev = next(self.policy.parameters()).device
         feats = features.to(self.feature_dtype).to(dev)
-        alpha, beta = self.policy(feats, temb.to(dev), sigma.to(dev))
+        alpha, beta = self.policy(feats, temb.to(self.feature_dtype).to(dev), sigma.to(dev))
         if self.mode == "sample":
             r = sample_ratio(alpha, beta, keys.to(dev), step.to(dev))
         else:

@@ -49,7 +49,8 @@ def byte_symbols() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _clip_tokenizer():
+def tiny_clip_tokenizer():
+    """A byte-level CLIPTokenizer (no merges) built offline; returns (tokenizer, vocab size)."""
     symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols:
@@ -109,7 +110,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
             shift_factor=0.0609,
             scaling_factor=1.5035,
         )
-        clip_tok, clip_vocab = _clip_tokenizer()
+        clip_tok, clip_vocab = tiny_clip_tokenizer()
         clip_cfg = dict(
             vocab_size=clip_vocab,
             hidden_size=TINY_CLIP_HIDDEN,

@@ -104,3 +104,36 @@ def test_bf16_fixed_schedule_matches_diffusers_with_identical_timesteps(tiny_bac
     assert any((t - t.round()).abs().max() > 0.1 for t in mine)  # fractional timesteps survive
     torch.testing.assert_close(ref.images[0].float(), ours.images[0], rtol=0, atol=0.05)
     assert (ref.images[0].float() - ours.images[0]).abs().mean() < 0.005
+
+
+def test_paper_inputs_are_pos_embed_and_norm_out_after_cfg(tiny_backbone_dir):
+    """policy.inputs=paper: the TPM reads the outputs of pos_embed and norm_out and temb, each combined with
+    classifier-free guidance (as the official TPDM code does), not the conditional branch of two blocks."""
+    from tpdm_rl.rollout.backbone import Backbone
+
+    bb = Backbone(tiny_backbone_dir, device="cpu", feature_grid=4, max_sequence_length=32, feature_source="paper")
+    tr = bb.transformer
+    captured = {}
+    hooks = [tr.pos_embed.register_forward_hook(lambda m, a, o: captured.__setitem__("pos", o)),
+             tr.norm_out.register_forward_hook(lambda m, a, o: captured.__setitem__("norm", o)),
+             tr.time_text_embed.register_forward_hook(lambda m, a, o: captured.__setitem__("temb", o))]
+    try:
+        e, p = bb.encode_prompts(["a cat", "a dog"])
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+        out = bb.step(x, torch.tensor([0.9, 0.4]), e, p)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def guided(t):
+        u, c = t.float().chunk(2)
+        return u + bb.guidance_scale * (c - u)
+
+    h = bb.hidden_size
+    assert out.features.shape == (2, 2 * h, 4, 4)
+    pos = guided(captured["pos"]).transpose(1, 2).reshape(2, h, 4, 4)
+    norm = guided(captured["norm"]).transpose(1, 2).reshape(2, h, 4, 4)
+    torch.testing.assert_close(out.features[:, :h], pos)
+    torch.testing.assert_close(out.features[:, h:], norm)
+    torch.testing.assert_close(out.temb, guided(captured["temb"]))
+    assert not torch.allclose(out.temb, captured["temb"][2:].float())  # not the conditional branch

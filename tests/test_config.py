@@ -105,3 +105,10 @@ def test_config_explain_cli():
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("rollout.group_size "))
     assert "int" in line and "default 8" in line and ">= 2" in line and "GRPO" in line
+
+
+def test_tpdm_penalty_mode_needs_non_negative_rewards(tmp_path):
+    """Like the plain discount, the official formula would reward more steps when a reward can be negative."""
+    assert load_config(None, ["step_penalty.mode=tpdm"]).step_penalty.mode == "tpdm"  # fidelity: non-negative
+    with pytest.raises(ConfigError, match="tpdm"):
+        load_config(None, ["step_penalty.mode=tpdm", "rewards.fidelity.normalize=group"])

@@ -75,3 +75,14 @@ def test_running_mean_std_matches_batch_statistics():
         rms.update(chunk)
     assert abs(rms.mean - data.double().mean().item()) < 1e-9
     assert abs(rms.var - data.double().var(unbiased=False).item()) < 1e-9
+
+
+def test_tpdm_penalty_mode_is_the_official_mean_discount():
+    """step_penalty.mode=tpdm: R * (1 - gamma^N) / (N (1 - gamma)), the mean of gamma^0..gamma^(N-1)."""
+    comps = {"x": torch.tensor([2.0, 2.0, 1.0])}
+    steps = torch.tensor([1, 10, 28])
+    got = compose_reward(comps, {"x": 1.0}, steps, "tpdm", gamma=0.97)
+    want = torch.tensor([2.0 * sum(0.97**k for k in range(n)) / n for n in (1, 10)]
+                        + [1.0 * sum(0.97**k for k in range(28)) / 28])
+    torch.testing.assert_close(got, want)
+    assert got[0] == 2.0 and got[1] < got[0]  # one step: no discount; more steps: less reward

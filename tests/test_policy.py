@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from tpdm_rl.rollout.rng import counter_beta, counter_normal, counter_uniform, derive_key
 
@@ -64,3 +65,23 @@ def test_tpm_initial_distribution_and_shapes():
     torch.testing.assert_close(a / (a + b), torch.full((5,), 0.7), atol=0.01, rtol=0)
     torch.testing.assert_close(a + b, torch.full((5,), 10.0), atol=0.1, rtol=0)
     assert math.isfinite(beta_log_prob(a, b, torch.full((5,), 0.5)).sum().item())
+
+
+def test_paper_head_uses_exp_and_avg_then_max_pooling():
+    """inputs=paper: alpha, beta = 1 + exp(.) of the head (the official code's), features average-pooled to at most
+    16 x 16 and then max-pooled; the initial distribution is the configured one as with our head."""
+    spec = TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16, init_ratio=0.7, init_concentration=10,
+                   inputs="paper")
+    tpm = TimePredictionModule(spec)
+    feats, temb, sigma = torch.randn(5, 64, 4, 4), torch.randn(5, 32), torch.rand(5)
+    a, b = tpm(feats, temb, sigma)
+    torch.testing.assert_close(a / (a + b), torch.full((5,), 0.7), atol=0.01, rtol=0)
+    torch.testing.assert_close(a + b, torch.full((5,), 10.0), atol=0.1, rtol=0)
+    with torch.no_grad():
+        tpm.head[-1].bias.add_(torch.tensor([1.0, -1.0]))
+        a2, b2 = tpm(feats, temb, sigma)
+    # exp head: adding 1 to the pre-activation multiplies alpha - 1 by e (softplus would not)
+    torch.testing.assert_close((a2 - 1) / (a - 1), torch.full((5,), math.e), rtol=1e-4, atol=0)
+    torch.testing.assert_close((b - 1) / (b2 - 1), torch.full((5,), math.e), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="paper"):
+        TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16, inputs="other"))

@@ -197,10 +197,11 @@ def test_cli_unknown_preset_is_one_line(tmp_path):
 def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp_path, monkeypatch):
     """SD3-Medium's real width (1536, hooks on blocks 0 and 1 of a 2-block transformer), bf16 backbone and bf16
     stored features: one rollout task with the TPM and one learner update; shapes, dtypes, bytes per step."""
+    from tpdm_rl.rollout.worker import RolloutWorker
+
     from tpdm_rl.config import load_config
     from tpdm_rl.learner import Learner
     from tpdm_rl.messages import LearnBatch, RolloutTask
-    from tpdm_rl.rollout.worker import RolloutWorker
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)

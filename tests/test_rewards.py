@@ -513,3 +513,31 @@ def test_load_torch_state_formats(tmp_path) -> None:
         load_torch_state(tmp_path / "list.pt")
     with pytest.raises(RewardError, match="hub repo x/y file z.pt"):
         require_file(tmp_path / "none.pt", "thing", "hub repo x/y file z.pt")
+
+
+def test_fidelity_saturates_so_only_a_copy_of_the_reference_reaches_the_cap() -> None:
+    """The reference schedule's own image scores the cap; a near-copy (~89 dB raw, the old gameable case) is
+    within 1e-5 of it; a good short schedule's PSNR (below the knee) is unchanged; the reward is increasing."""
+    from tpdm_rl.rewards.fidelity import DEFAULT_MAX_PSNR, SATURATION_DB, FidelityReward, psnr
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(5, 3, 16, 16, generator=g)
+    noise = torch.randn(5, 3, 16, 16, generator=g)
+    target_db = torch.tensor([89.0, 60.0, 52.0, 48.0, 40.0])
+    std = (10 ** (-target_db / 10)).sqrt().reshape(-1, 1, 1, 1)
+    noise = noise / noise.pow(2).flatten(1).mean(1).sqrt().reshape(-1, 1, 1, 1)
+    images = ref + std * noise  # PSNR exactly target_db (no clamping to [0, 1] needed for the metric)
+    raw = psnr(images, ref)
+    assert raw == pytest.approx(target_db, abs=1e-2)
+    model = FidelityReward()
+    assert model.max_psnr == DEFAULT_MAX_PSNR
+    prompts = ["p"] * 5
+    s = model.score(images, prompts, ref)
+    assert float(model.score(ref[:1], prompts[:1], ref[:1])[0]) == pytest.approx(DEFAULT_MAX_PSNR, abs=1e-6)
+    assert float(s[0]) == pytest.approx(DEFAULT_MAX_PSNR, abs=1e-5)  # a near-copy: at the cap
+    assert float(s[1]) < DEFAULT_MAX_PSNR - 0.05  # 60 dB is good but not a copy: below the cap
+    knee = DEFAULT_MAX_PSNR - SATURATION_DB
+    assert torch.equal(s[3:], raw[3:]) and float(raw[3]) < knee  # short schedules' PSNR is unchanged
+    assert bool((s[:-1] > s[1:]).all())  # still increasing in PSNR
+    with pytest.raises(RewardError, match="max_psnr"):
+        FidelityReward(max_psnr=3.0)

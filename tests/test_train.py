@@ -54,19 +54,23 @@ def test_first_epoch_ratio_is_one(tmp_path, tiny_backbone_dir):
 
 
 def test_same_seed_gives_identical_runs_and_resume_is_exact(tmp_path, tiny_backbone_dir):
-    a = _trainer(tmp_path, tiny_backbone_dir, "a", **{"train.iterations": 4})
+    """With a KL term (kl_coef > 0) too: the resumed run's KL reference is the run's initial TPM, rebuilt from the
+    seed, not the checkpoint it resumes from (before the fix the reference moved by up to 0.071)."""
+    kl = {"algorithm.kl_coef": 0.5}
+    a = _trainer(tmp_path, tiny_backbone_dir, "a", **{"train.iterations": 4}, **kl)
     a.train()
-    b = _trainer(tmp_path, tiny_backbone_dir, "b", **{"train.iterations": 4})
+    b = _trainer(tmp_path, tiny_backbone_dir, "b", **{"train.iterations": 4}, **kl)
     b.train()
     # interrupted run: 2 iterations, then resume for the remaining 2
-    c = _trainer(tmp_path, tiny_backbone_dir, "c", **{"train.iterations": 2})
+    c = _trainer(tmp_path, tiny_backbone_dir, "c", **{"train.iterations": 2}, **kl)
     c.train()
-    c2 = _trainer(tmp_path, tiny_backbone_dir, "c", resume="auto", **{"train.iterations": 4})
+    c2 = _trainer(tmp_path, tiny_backbone_dir, "c", resume="auto", **{"train.iterations": 4}, **kl)
     assert c2.start_iteration == 2
     c2.train()
     ra, rb, rc = (read_metrics(tmp_path / n / "metrics.jsonl") for n in "abc")
-    for k in ("reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy"):
+    for k in ("reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy", "loss/kl_ref"):
         assert [r[k] for r in ra] == [r[k] for r in rb] == [r[k] for r in rc], k
+    assert ra[3]["loss/kl_ref"] > 0  # the KL term is live
     wa, wb, wc = (load_file(str(tmp_path / n / "checkpoints" / "step_4" / "tpm.safetensors")) for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
     assert [r["iteration"] for r in rc] == [0, 1, 2, 3]

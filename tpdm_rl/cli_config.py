@@ -94,7 +94,7 @@ def markdown_reference() -> str:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.explain:
-        print(markdown_reference() if args.markdown else explain())
+        print(markdown_reference() if args.markdown else explain(), end="" if args.markdown else "\n")
         return 0
     print(config_to_yaml(load_config(args.config, args.set)), end="")
     return 0
