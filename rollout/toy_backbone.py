@@ -187,7 +187,7 @@ def train_vae(pipe, s: ToyTrainSettings, log: Callable[[dict], None], progress: 
         mean = vae.encode(images).latent_dist.mean
         recon = vae.decode(mean + s.vae_latent_noise * torch.randn_like(mean)).sample
         objects = ((images - images[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.01).float()  # not background
-        rec = (recon - images).abs().mean()
+        rec = (recon - images).abs().mean().detach()
         loss = ((1 + s.vae_object_weight * objects) * (recon - images).abs()).mean() + s.vae_latent_l2 * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

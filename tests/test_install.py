@@ -24,6 +24,11 @@ def test_wheel_installs_only_the_tpdm_rl_namespace(tmp_path):
               "tpdm_rl/data/prompts_train.txt", "tpdm_rl/data/toy_backbone/model_index.json",
               "tpdm_rl/data/toy_backbone/transformer/diffusion_pytorch_model.safetensors"):
         assert f in names, f
+    # every module of the source tree is in the wheel (an explicit package list can forget a subpackage)
+    mapping = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl/rollout", "rewards": "tpdm_rl/rewards"}
+    missing = [str(p) for folder, dest in mapping.items() for p in (ROOT / folder).rglob("*.py")
+               if f"{dest}/{p.relative_to(ROOT / folder).as_posix()}" not in names]
+    assert not missing, missing
 
 
 def test_editable_install_maps_the_same_names(tmp_path):

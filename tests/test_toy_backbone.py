@@ -1,0 +1,100 @@
+"""The shipped, trained toy backbone: loads offline as a diffusers SD3 pipeline, small, word-level tokenizers;
+the CLI copies it; the training code runs end to end (at a tiny size); a 2-iteration TPM run on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from tpdm_rl.rollout.toy_backbone import (
+    TEXT_LEN,
+    ToyTrainSettings,
+    build_tokenizers,
+    shipped_toy_dir,
+    train_toy_backbone,
+)
+
+from tpdm_rl.cli import closing_evaluation
+from tpdm_rl.config import load_config
+from tpdm_rl.controller import Controller
+from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY
+from tpdm_rl.utils import read_metrics
+
+MAX_SHIPPED_BYTES = 25 * 2**20
+
+
+def test_shipped_toy_backbone_is_small_safetensors_and_loads_offline():
+    d = shipped_toy_dir()
+    files = [p for p in d.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_BYTES
+    weights = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)  # never a pickle
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(d), local_files_only=True)
+    assert pipe.vae.config.latent_channels == 16
+    meta = json.loads((d / "tpdm_toy.json").read_text())
+    assert meta["image_size"] == IMAGE_SIZE and meta["text_len"] == TEXT_LEN
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(["a red circle on a white background"], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
+               generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=TEXT_LEN).images
+    assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
+
+
+def test_tokenizers_carry_every_grammar_word_as_one_token():
+    clip, t5 = build_tokenizers()
+    for w in VOCABULARY:
+        assert len(clip(w, add_special_tokens=False).input_ids) == 1, w
+        assert len(t5(w, add_special_tokens=False).input_ids) == 1, w
+    longest = "two red circles, a blue square and a yellow triangle on a white background"
+    assert len(clip(longest).input_ids) <= TEXT_LEN
+
+
+def test_make_toy_backbone_copies_the_shipped_folder_and_refuses_a_used_one(tmp_path):
+    out = tmp_path / "toy"
+    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "make-toy-backbone", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model_index.json").is_file()
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (shipped_toy_dir() / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "make-toy-backbone", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not an empty folder" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_toy_training_runs_end_to_end_at_a_tiny_size(tmp_path):
+    """The --train path with a few steps of each stage: writes a loadable pipeline, the loss log and plot, and the
+    quality report by object count (its numbers mean nothing at this size)."""
+    s = ToyTrainSettings(seed=3, threads=1, vae_steps=2, vae_batch=4, scenes=16, steps=2, batch=4, warmup=1,
+                         eval_prompts=2)
+    out = train_toy_backbone(tmp_path / "toy", s, progress=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.transformer.config.in_channels == 16
+    assert (out / "training" / "loss.png").is_file()
+    stages = {json.loads(line)["stage"] for line in (out / "training" / "loss.jsonl").read_text().splitlines()}
+    assert stages == {"vae", "transformer"}
+    quality = json.loads((out / "training" / "quality.json").read_text())
+    assert set(quality) == {"4", "28"} and 0.0 <= quality["28"]["score"] <= 1.0
+    assert json.loads((out / "tpdm_toy.json").read_text())["settings"]["seed"] == 3
+
+
+@pytest.mark.slow
+def test_two_iteration_tpm_run_on_the_toy_backbone(tmp_path):
+    over = {"train.iterations": 2, "rollout.prompts_per_iteration": 2, "rollout.group_size": 4,
+            "rollout.batch_size": 8, "rollout.max_steps": 10, "checkpoint.every": 1, "logging.progress": False,
+            "logging.tensorboard": False, "train.threads": 1, "eval.enabled": True, "eval.limit": 4,
+            "eval.methods": "tpm,tpm-mean,fixed:28", "eval.pareto_steps": [4, 28], "eval.batch_size": 8}
+    cfg = load_config("configs/toy.yaml", [f"{k}={v}" for k, v in over.items()])
+    Controller(cfg, output=tmp_path / "run").train()
+    closing_evaluation(cfg, tmp_path / "run")  # what tpdm-rl train runs after the last iteration
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iteration"] for r in recs] == [0, 1]
+    assert all(0.0 <= r["reward/shapes"] <= 1.0 and 1 <= r["steps/mean"] <= 10 for r in recs)
+    rep = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    names = {m["method"] for m in rep["methods"]}
+    assert {"tpm", "fixed:28"} <= names and any(n.startswith("tpm-mean") for n in names)
+    assert "spearman_tpm_nfe" in rep["complexity"] and "shapes" in rep["comparisons"]
