@@ -50,8 +50,10 @@ from .adaptive import latent_change, legacy_skip_mask, make_skip_rule
 from .backbone import Backbone
 from .engine import SamplingEngine
 from .flow import euler_step, terminal
-from .rng import keyed_normal_noise
-from .schedules import FixedSchedule, TPMSchedule
+from .rng import derive_key, keyed_normal_noise
+from .schedules import INFERENCE_MODES, FixedSchedule, TPMSchedule
+
+INFERENCE_STREAM = 0x1F3  # key of the Beta draws of ``policy.inference: sample`` (per image: its noise seed)
 
 METHOD_FORMS = ("fixed:N, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
                 "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm-mean[:N]")
@@ -196,7 +198,10 @@ class BaselineSampler:
     def __init__(self, backbone: Backbone, height: int, width: int, batch_size: int = 16, base_steps: int = 28,
                  policy: torch.nn.Module | None = None, sigma_min: float = 0.01, max_steps: int = 28,
                  sigma_max: float = 1.0, feature_dtype: torch.dtype = torch.float32, decode_batch_size: int = 16,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True, inference: str = "mode") -> None:
+        if inference not in INFERENCE_MODES:
+            raise MethodError(f"TPM inference must be one of {INFERENCE_MODES}, got {inference!r}")
+        self.inference = inference
         self.backbone = backbone
         self.height, self.width = int(height), int(width)
         self.latent_shape = backbone.latent_shape(self.height, self.width)
@@ -217,7 +222,13 @@ class BaselineSampler:
     def _tpm_schedule(self) -> TPMSchedule:
         if self.policy is None:
             raise MethodError("methods 'tpm' and 'tpm+adaptive[-legacy]' need a trained TPM (pass --checkpoint)")
-        return TPMSchedule(self.policy, self.sigma_min, mode="mode", feature_dtype=self.feature_dtype)
+        return TPMSchedule(self.policy, self.sigma_min, mode=self.inference, feature_dtype=self.feature_dtype)
+
+    @staticmethod
+    def _sample_keys(seeds: list[int]) -> torch.Tensor:
+        """Keys of the TPM's Beta draws (``inference: sample``): one stream per image, keyed by its noise seed, so
+        an image's schedule does not depend on its batch; mode and mean draw nothing."""
+        return torch.tensor([derive_key(INFERENCE_STREAM, int(s)) for s in seeds], dtype=torch.int64)
 
     def run(self, method: Method | str, prompts: list[str], noise_seeds: list[int], decode: bool = True,
             progress: Callable[[int], None] | None = None, table: torch.Tensor | None = None) -> SampleOutput:
@@ -264,8 +275,7 @@ class BaselineSampler:
         elif m.kind == "tpm-mean":
             tr = eng.run_table(prompts, seeds, table, decode=decode)
         else:
-            keys = torch.zeros(len(prompts), dtype=torch.int64)  # the Beta mode draws nothing
-            tr = eng.run(prompts, seeds, keys, self._tpm_schedule(), decode=decode, max_steps=self.max_steps)
+            tr = eng.run(prompts, seeds, self._sample_keys(seeds), self._tpm_schedule(), decode=decode, max_steps=self.max_steps)
         self.stats["backbone_calls"] += eng.stats["backbone_calls"] - before
         sigmas = [tr.sigmas_of(i) for i in range(tr.num_trajectories)]
         called = [torch.ones(int(n), dtype=torch.bool) for n in tr.steps.tolist()]
@@ -279,6 +289,7 @@ class BaselineSampler:
         bb = self.backbone
         dev = bb.device
         n = len(prompts)
+        keys = self._sample_keys(seeds)
         thr = m.threshold if threshold is None else threshold
         if m.uses_tpm:
             sched = self._tpm_schedule()
@@ -314,8 +325,7 @@ class BaselineSampler:
                 v[di] = out.velocity
                 if sched is not None:
                     feats = out.features.to(self.feature_dtype)
-                    prop = sched.propose(feats, out.temb, sigma[idx], torch.full((idx.numel(),), k),
-                                         torch.zeros(idx.numel(), dtype=torch.int64))
+                    prop = sched.propose(feats, out.temb, sigma[idx], torch.full((idx.numel(),), k), keys[idx])
                     ratio[idx] = prop.action.float().cpu()
             nfe += call.to(torch.int64)
             nxt = ratio * sigma if table is None else table[k + 1].expand(n)

@@ -69,7 +69,7 @@ class TPDMPipeline:
     @classmethod
     def from_pretrained(cls, backbone_path: str | os.PathLike | Backbone | None = None, tpm: str | os.PathLike | None
                         = None, device: str = "auto", dtype: str = "float32", batch_size: int = 16,
-                        guidance_scale: float | None = None) -> TPDMPipeline:
+                        guidance_scale: float | None = None, inference: str | None = None) -> TPDMPipeline:
         """Load a backbone (default: the TPM metadata's ``backbone_path``) and a TPM, and check they fit.
 
         ``backbone_path`` may also be an already loaded :class:`~rollout.backbone.Backbone` (its
@@ -82,6 +82,8 @@ class TPDMPipeline:
         settings, spec = read_inference_settings(tpm_file)
         if guidance_scale is not None:
             settings["guidance_scale"] = float(guidance_scale)
+        if inference is not None:  # overrides the TPM file's policy.inference (mode, mean or sample)
+            settings["inference"] = str(inference)
         if isinstance(backbone_path, Backbone):
             backbone = backbone_path
         else:
@@ -126,7 +128,8 @@ class TPDMPipeline:
             self._samplers[key] = BaselineSampler(
                 self.backbone, h, w, batch_size=self.batch_size, base_steps=base_steps, policy=self.policy,
                 sigma_min=float(self.settings["sigma_min"]), max_steps=int(self.settings["max_steps"]),
-                sigma_max=float(self.settings["sigma_max"]), feature_dtype=self.feature_dtype)
+                sigma_max=float(self.settings["sigma_max"]), feature_dtype=self.feature_dtype,
+                inference=str(self.settings.get("inference", "mode")))
         return self._samplers[key]
 
     def __call__(self, prompt: str | list[str], seed: int | list[int] | None = None, height: int | None = None,

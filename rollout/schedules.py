@@ -48,15 +48,20 @@ class FixedSchedule(Schedule):
         return Proposal(nxt, nxt / sigma.clamp_min(1e-12), torch.zeros_like(sigma))
 
 
+#: how a trained TPM picks its ratio at inference (``policy.inference``)
+INFERENCE_MODES = ("mode", "mean", "sample")
+
+
 class TPMSchedule(Schedule):
-    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``) or the Beta mode (``mode='mode'``)."""
+    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``), the Beta mode (``mode='mode'``, the paper's
+    inference) or the Beta mean (``mode='mean'``)."""
 
     uses_features = True
 
     def __init__(self, policy: torch.nn.Module, sigma_min: float, mode: str = "sample",
                  feature_dtype: torch.dtype = torch.float32) -> None:
-        if mode not in ("sample", "mode"):
-            raise ValueError(f"TPM schedule mode must be 'sample' or 'mode', got {mode!r}")
+        if mode not in INFERENCE_MODES:
+            raise ValueError(f"TPM schedule mode must be one of {INFERENCE_MODES}, got {mode!r}")
         self.policy = policy
         self.sigma_min = float(sigma_min)
         self.mode = mode
@@ -70,6 +75,8 @@ class TPMSchedule(Schedule):
         alpha, beta = self.policy(feats, temb.to(self.feature_dtype).to(dev), sigma.to(dev))
         if self.mode == "sample":
             r = sample_ratio(alpha, beta, keys.to(dev), step.to(dev))
+        elif self.mode == "mean":
+            r = (alpha / (alpha + beta)).float()
         else:
             r = beta_mode(alpha, beta).float()
         logp = beta_log_prob(alpha, beta, r)

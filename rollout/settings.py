@@ -33,7 +33,7 @@ DEFAULT_SETTINGS: dict = {
     "backbone_path": "", "backbone_blocks": None, "hidden_size": None, "feature_blocks": [0, -1],
     "feature_grid": 8, "feature_dtype": "float32", "resolution": 1024, "guidance_scale": 7.0,
     "max_sequence_length": 77, "negative_prompt": "", "sigma_max": 1.0, "sigma_min": 0.01, "max_steps": 28,
-    "feature_source": "blocks", "backbone_fingerprint": None,
+    "feature_source": "blocks", "backbone_fingerprint": None, "inference": "mode",
 }
 
 
@@ -46,6 +46,7 @@ def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> d
     out["feature_grid"] = backbone.feature_grid
     out["feature_source"] = backbone.feature_source
     out["backbone_fingerprint"] = backbone.fingerprint()
+    out["inference"] = cfg.policy.inference
     out.update({k: getattr(cfg.rollout, k) for k in ROLLOUT_KEYS})
     return out
 

@@ -153,6 +153,31 @@ def test_tpm_adaptive_without_skips_is_the_tpm(backbone):
     assert (skipping.nfe <= skipping.steps).all() and (skipping.nfe < skipping.steps).any()
 
 
+def test_tpm_inference_mode_mean_and_sample(backbone):
+    """policy.inference: the first ratio is the Beta mode, the Beta mean or a draw; a draw is keyed by the image's
+    noise seed, so it repeats exactly and does not depend on which images share the batch."""
+    from tpdm_rl.policy import beta_mode
+
+    spec = TPMSpec(in_channels=backbone.feature_channels, temb_dim=backbone.temb_dim, grid=4, hidden=16,
+                   init_ratio=0.6, init_concentration=4.0)
+    torch.manual_seed(0)
+    policy = TimePredictionModule(spec).eval()
+    seeds = [derive_key(11, i) for i in range(4)]
+    runs = {m: BaselineSampler(backbone, 64, 64, batch_size=4, policy=policy, max_steps=15, inference=m)
+            .run("tpm", PROMPTS[:4], seeds) for m in ("mode", "mean", "sample")}
+    first = {m: torch.stack([sg[1] for sg in r.sigmas]) for m, r in runs.items()}  # sigma after step 0 (sigma0 = 1)
+    a, b = torch.tensor(0.6 * 4.0), torch.tensor(0.4 * 4.0)  # the untrained TPM's Beta (init bias, near-zero weights)
+    assert first["mode"] == pytest.approx(torch.full((4,), float(beta_mode(a, b))), abs=0.02)
+    assert first["mean"] == pytest.approx(torch.full((4,), 0.6), abs=0.02)
+    assert first["sample"].std() > 0.01  # draws differ between images
+    again = BaselineSampler(backbone, 64, 64, batch_size=2, policy=policy, max_steps=15, inference="sample")
+    alone = again.run("tpm", PROMPTS[2:3], seeds[2:3])
+    torch.testing.assert_close(alone.sigmas[0], runs["sample"].sigmas[2])
+    assert alone.steps.tolist() == runs["sample"].steps[2:3].tolist()
+    with pytest.raises(MethodError, match="inference"):
+        BaselineSampler(backbone, 64, 64, policy=policy, inference="median")
+
+
 # ------------------------------------------------------------------ eval / sample / export end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):

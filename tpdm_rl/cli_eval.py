@@ -62,7 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.checkpoint, args.output, prompts=args.prompts, methods=args.methods, rewards=args.rewards,
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
                       batch_size=args.batch_size, device=args.device, grid_prompts=args.grid_prompts,
-                      progress=not args.no_progress, timing_repeats=args.timing_repeats)
+                      progress=not args.no_progress, timing_repeats=args.timing_repeats,
+                      inference=args.tpm_inference)
 
     print((Path(args.output) / "results.md").read_text())
     print(f"evaluated {report['num_images']} images x {len(report['methods'])} methods in "
@@ -124,6 +125,8 @@ def register(subparsers) -> None:
     e.add_argument("--timing-repeats", type=int, default=1,
                    help="sample each method R times and report the fastest wall clock (damps machine noise)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--tpm-inference", choices=["mode", "mean", "sample"], default=None,
+                   help="how the TPM picks its ratio (default: the TPM file's policy.inference)")
     e.set_defaults(func=cmd_eval)
 
     s = subparsers.add_parser("sample", help="generate one image with a trained TPM")

@@ -66,6 +66,9 @@ class PolicyConfig(_Strict):
                                                "conditional branch, mean+max pool, 1+softplus; paper: the official "
                                                "TPDM inputs (pos_embed and norm_out outputs and temb, CFG-combined), "
                                                "avg-pool 16 then max-pool, 1+exp")
+    inference: Literal["mode", "mean", "sample"] = Field(
+        "mode", description="how the trained TPM picks sigma_next / sigma at inference (recorded in the TPM file): "
+        "mode (the paper's Beta mode), mean (the Beta mean) or sample (a draw keyed by the image's noise seed)")
 
     @model_validator(mode="after")
     def _alpha_beta_above_one(self) -> PolicyConfig:

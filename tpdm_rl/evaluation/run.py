@@ -130,9 +130,10 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
              backbone: str | None = None, limit: int | None = None,
              pareto_steps: list[int] | tuple[int, ...] = DEFAULT_PARETO_STEPS, batch_size: int = 16,
              device: str = "auto", grid_prompts: int = 4, schedule_prompts: int = 8, progress: bool = True,
-             timing_repeats: int = 1) -> dict:
+             timing_repeats: int = 1, inference: str | None = None) -> dict:
     """Run every method on the same prompts and noises, score, and write the report files.
 
+    ``inference`` (mode, mean or sample) overrides the TPM file's ``policy.inference``.
     ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all
     methods, and reports the fastest wall clock (the outputs are deterministic; this only damps noise
     from other processes sharing the machine).
@@ -152,7 +153,8 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size)
+    pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size,
+                                        inference=inference)
     sampler = pipe.sampler()
     bb = pipe.backbone
     items = [(i, k) for i in range(len(prompt_list)) for k in range(int(seeds))]

@@ -6,14 +6,14 @@ import copy
 import time
 
 import torch
-from tpdm_rl.rewards.worker import RewardWorker
-from tpdm_rl.rollout.worker import RolloutWorker
 
 from tpdm_rl.checkpoint import CheckpointError
 from tpdm_rl.config import Config
 from tpdm_rl.learner import Learner
 from tpdm_rl.messages import LearnBatch, RolloutTask
 from tpdm_rl.policy import TimePredictionModule, TPMSpec, build_policy
+from tpdm_rl.rewards.worker import RewardWorker
+from tpdm_rl.rollout.worker import RolloutWorker
 from tpdm_rl.utils import resolve_device
 
 from .base import Executor, RolloutPhase, task_advantages

@@ -20,10 +20,6 @@ import time
 from collections import deque
 
 import torch
-from tpdm_rl.rewards.registry import RewardError
-from tpdm_rl.rewards.worker import RewardWorker
-from tpdm_rl.rollout.backbone import BackboneError
-from tpdm_rl.rollout.worker import RolloutWorker
 
 from tpdm_rl.checkpoint import CheckpointError
 from tpdm_rl.config import Config
@@ -31,6 +27,10 @@ from tpdm_rl.ds_learner import LearnerRank, check_resumable, merge_rank_states
 from tpdm_rl.messages import RolloutTask
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 from tpdm_rl.resources import role_bundles
+from tpdm_rl.rewards.registry import RewardError
+from tpdm_rl.rewards.worker import RewardWorker
+from tpdm_rl.rollout.backbone import BackboneError
+from tpdm_rl.rollout.worker import RolloutWorker
 
 from .base import Executor, FatalRoleError, RolloutPhase, task_advantages
 from .ray_pool import ActorPool, Gang, actor_env, actor_error_types, creation_error, init_ray
