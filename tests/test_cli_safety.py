@@ -60,7 +60,7 @@ def test_a_run_folder_is_never_silently_reused(tmp_path, tiny_backbone_dir):
 def test_a_run_folder_in_use_is_refused_with_its_owner(tmp_path, tiny_backbone_dir):
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tpdm_rl.runfolder import RunFolder; "
-                               f"RunFolder({str(out)!r}).acquire(resume=True, overwrite=False); print('held', "
+                               f"held = RunFolder({str(out)!r}).acquire(resume=True, overwrite=False); print('held', "
                                "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

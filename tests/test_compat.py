@@ -27,15 +27,22 @@ def test_checkpoint_written_before_the_redesign_resumes(tmp_path, tiny_backbone_
     over = small_overrides(tiny_backbone_dir, **{"train.iterations": 3, "checkpoint.every": 2,
                                                  "algorithm.kl_coef": 0.1, "train.threads": 1,
                                                  "rewards.fidelity.max_psnr": 100.0})
-    ctl = Controller(load_config("configs/tiny.yaml", over), output=run, resume="auto")
+    # the fixture names its own backbone folder, and 0.1.0 had no max_psnr key (its hard cap was 100 dB, which the
+    # saturating reward reproduces below 95 dB): both are changes the resume guard rightly asks consent for
+    ctl = Controller(load_config("configs/tiny.yaml", over), output=run, resume="auto",
+                     allow_config_change=["backbone.path", "rewards.fidelity.max_psnr"])
     assert ctl.start_iteration == 2 and ctl.policy_version == 2
     ctl.train()
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["iteration"] for r in recs] == [0, 1, 2]
     assert recs[:2] == legacy[:2]  # the lines before the checkpoint are kept as they were
     new, old = recs[2], legacy[2]
-    for k in ("steps/mean", "steps/min", "steps/max", "rollout/backbone_calls"):
+    for k in ("steps/mean", "steps/min", "steps/max"):
         assert new[k] == old[k], k
-    assert new["reward/fidelity"] == pytest.approx(old["reward/fidelity"], abs=1e-4)
+    # 0.1.0 ran the fidelity references in a pass of their own; they now share the rollout's engine run
+    assert new["rollout/backbone_calls"] <= old["rollout/backbone_calls"]
+    # the references now come from the rollout's own engine run (another batch composition: latents differ by
+    # ~1e-6, which moves a 45 dB PSNR in the third decimal)
+    assert new["reward/fidelity"] == pytest.approx(old["reward/fidelity"], abs=1e-2)
     assert new["policy/behaviour_logp_err"] < 1e-5
     assert (run / "checkpoints" / "step_3" / "tpm.safetensors").is_file()

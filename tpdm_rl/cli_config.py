@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .config import Config, RewardSpec, config_to_yaml, load_config
+from .prompts import load_prompts
 
 
 def _type_name(tp: Any) -> str:
@@ -96,7 +97,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.explain:
         print(markdown_reference() if args.markdown else explain(), end="" if args.markdown else "\n")
         return 0
-    print(config_to_yaml(load_config(args.config, args.set)), end="")
+    cfg = load_config(args.config, args.set)
+    load_prompts(cfg.rollout.prompts)  # a malformed or degenerate prompts file is reported here too
+    print(config_to_yaml(cfg), end="")
     return 0
 
 
