@@ -71,7 +71,7 @@ class DeepSpeedLearner(Learner):
         # the single-process learner's global minibatches, each cut down to this rank's rows: every rank
         # runs the same number of steps (each step is a collective) and together they see the same rows
         total = max(self.total_rows, self.row_lo + n, 1)
-        parts = minibatch_indices(total, self.minibatches, self.seed, iteration, epoch)
+        parts = minibatch_indices(total, self.algorithm.minibatches, self.seed, iteration, epoch)
         return [p[(p >= self.row_lo) & (p < self.row_lo + n)] - self.row_lo for p in parts]
 
     def _apply(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
