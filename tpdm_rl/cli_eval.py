@@ -82,7 +82,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
         raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
                            f"one of {', '.join(IMAGE_SUFFIXES)}")
-    pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device)
+    pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device,
+                                        inference=args.tpm_inference)
     res = args.size or pipe.resolution
     out = pipe(args.prompt, seed=args.seed, height=res, width=res, adaptive_threshold=args.adaptive)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,8 @@ def register(subparsers) -> None:
     s.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
                    help="also skip transformer calls with AdaptiveDiffusion (tpm+adaptive)")
     s.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")
+    s.add_argument("--tpm-inference", choices=["mode", "mean", "sample"], default=None,
+                   help="how the TPM picks its ratio (default: the TPM file's policy.inference)")
     s.set_defaults(func=cmd_sample)
 
     x = subparsers.add_parser("export", help="export a TPM for inference (weights, config, model card)")
