@@ -19,7 +19,7 @@ from tpdm_rl.resources import trial_bundles
 from tpdm_rl.sweep.plan import SweepError, expand_trials, parse_grid, parse_random, plan_sweep
 from tpdm_rl.sweep.report import best_under_budget, pareto_front
 
-SWEEP_ITERS = 12
+SWEEP_ITERS = 8
 FID_WEIGHTS = ("0.5", "1.0")
 PENALTIES = ("0.0", "3.0")
 
