@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 
 import pytest
 import torch
@@ -56,3 +59,20 @@ def small_overrides(backbone_dir: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``tpdm-rl ARGS`` through ``tpdm_rl.cli.main`` in this process: its exit code, stdout and stderr.
+
+    For error paths that fail before any real work: it skips the ~8 s of interpreter start and imports that a
+    subprocess pays. An exception that escapes ``main`` fails the test (as a traceback would). Other tests keep
+    running the real ``python -m tpdm_rl.cli`` end to end."""
+    from tpdm_rl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

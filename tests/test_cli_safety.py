@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from conftest import small_overrides
+from conftest import run_cli_in_process, small_overrides
 
 from tpdm_rl.cli import main
 from tpdm_rl.config import load_config
@@ -121,9 +121,9 @@ def test_bad_paths_and_values_are_one_line_errors(tmp_path, tiny_backbone_dir):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     over = _sets(small_overrides(tiny_backbone_dir))
-    assert "is a file" in _one_line(_cli("train", "--config", "configs/tiny.yaml", "--output", str(a_file), *over), 1)
-    assert "is a folder" in _one_line(_cli("train", "--config", str(tmp_path)), 2)
-    assert "cuda" in _one_line(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "c"),
+    assert "is a file" in _one_line(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(a_file), *over), 1)
+    assert "is a folder" in _one_line(run_cli_in_process("train", "--config", str(tmp_path)), 2)
+    assert "cuda" in _one_line(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "c"),
                                     "--set", "train.device=cuda", *over), 2)
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -132,7 +132,7 @@ def test_bad_paths_and_values_are_one_line_errors(tmp_path, tiny_backbone_dir):
 
     save_tpm(TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16)), ck / "tpm.safetensors")
     (ck / "trainer_state.json").write_text("[1, 2]")
-    line = _one_line(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r"), "--resume",
+    line = _one_line(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r"), "--resume",
                           str(ck), *over), 1)
     assert "trainer_state.json" in line and "corrupt" in line
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def test_sample_checks_its_output_and_size_before_sampling(tmp_path):
     for extra, what in ((["--output", str(tmp_path / "x.xyz")], ".xyz"),
                         (["--output", str(tmp_path / "x.png"), "--size", "-16"], "--size"),
                         (["--output", str(tmp_path / "x.png"), "--size", "0"], "--size")):
-        line = _one_line(_cli("sample", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "a cat", *extra), 2)
+        line = _one_line(run_cli_in_process("sample", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "a cat", *extra), 2)
         assert what in line
 
 

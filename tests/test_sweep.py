@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_overrides
+from conftest import run_cli_in_process, small_overrides
 
 from tpdm_rl.config import load_config
 from tpdm_rl.resources import trial_bundles
@@ -59,8 +59,7 @@ def test_grid_and_random_expand_to_named_trials():
 ])
 def test_bad_grid_is_one_line_exit_2_before_any_trial(tmp_path, args, needle):
     out = tmp_path / "sweep"
-    r = subprocess.run(_cli("sweep", "--config", "configs/tiny.yaml", *args, "--output", str(out)),
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli_in_process("sweep", "--config", "configs/tiny.yaml", *args, "--output", str(out))
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and needle in lines[0], r.stderr

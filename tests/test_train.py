@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import small_overrides
+from conftest import run_cli_in_process, small_overrides
 from safetensors.torch import load_file
 
 from tpdm_rl.config import load_config
@@ -114,22 +114,22 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_backbone_dir):
     over = [a for kv in small_overrides(tiny_backbone_dir) for a in ("--set", kv)]
     bad_prompts = tmp_path / "p.jsonl"
     bad_prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r1"), *over,
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r1"), *over,
                                 "--set", f"rollout.prompts={bad_prompts}"))
     assert "p.jsonl" in line and ":2" in line
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r2"), *over,
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r2"), *over,
                                 "--resume", str(tmp_path / "missing_ckpt")))
     assert "missing_ckpt" in line
     ck = tmp_path / "corrupt"
     ck.mkdir()
     (ck / "tpm.safetensors").write_bytes(b"garbage" * 10)
     (ck / "trainer_state.json").write_text("{}")
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r3"), *over,
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(tmp_path / "r3"), *over,
                                 "--resume", str(ck)))
     assert "tpm.safetensors" in line and "corrupt" in line
-    line = _one_line_error(_cli("train", "--config", str(tmp_path / "nope.yaml")))
+    line = _one_line_error(run_cli_in_process("train", "--config", str(tmp_path / "nope.yaml")))
     assert "nope.yaml" in line
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--set", "backbone.path=/no/such/dir",
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--set", "backbone.path=/no/such/dir",
                                 "--output", str(tmp_path / "r4")))
     assert "/no/such/dir" in line
 
