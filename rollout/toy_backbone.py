@@ -225,11 +225,24 @@ def encode_scenes(pipe, s: ToyTrainSettings, progress: bool) -> tuple[torch.Tens
     return ((lat - shift) / std).to(torch.bfloat16), prompts
 
 
+def training_scheduler(config, s: ToyTrainSettings) -> FlowMatchEulerDiscreteScheduler:
+    """The sigma table training draws from: the pipeline's scheduler with ``s.train_shift``."""
+    return FlowMatchEulerDiscreteScheduler.from_config(config, shift=s.train_shift)
+
+
+def training_timesteps(sched: FlowMatchEulerDiscreteScheduler, n: int,
+                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's training draw: logit-normal positions in the (shifted) sigma table; shift 3 puts 86% of the draws
+    above sigma 0.5. Returns the timesteps [n] and sigmas [n, 1, 1, 1]."""
+    u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0, generator=gen)
+    ti = (u * sched.config.num_train_timesteps).long()
+    return sched.timesteps[ti], sched.sigmas[ti].reshape(-1, 1, 1, 1)
+
+
 def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], s: ToyTrainSettings,
                       log: Callable[[dict], None], progress: bool) -> None:
 
-    # SD3 samples logit-normal positions of a shifted sigma table (shift 3: 86% of draws above sigma 0.5)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=s.train_shift)
+    sched = training_scheduler(pipe.scheduler.config, s)
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
     modules.train().requires_grad_(True)
     params = [p for p in modules.parameters()]
@@ -251,11 +264,7 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], s: ToyTra
                  for i, u in zip(idx.tolist(), torch.rand(len(idx), generator=gen))]
         embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=torch.device("cpu"),
                                                   do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
-        u = compute_density_for_timestep_sampling("logit_normal", len(idx), logit_mean=0.0, logit_std=1.0,
-                                                  generator=gen)
-        ti = (u * sched.config.num_train_timesteps).long()
-        timesteps = sched.timesteps[ti]
-        sigmas = sched.sigmas[ti].reshape(-1, 1, 1, 1)
+        timesteps, sigmas = training_timesteps(sched, len(idx), gen)
         noise = torch.randn(x0.shape, generator=gen)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         pred = pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,

@@ -98,3 +98,26 @@ def test_two_iteration_tpm_run_on_the_toy_backbone(tmp_path):
     names = {m["method"] for m in rep["methods"]}
     assert {"tpm", "fixed:28"} <= names and any(n.startswith("tpm-mean") for n in names)
     assert "spearman_tpm_nfe" in rep["complexity"] and "shapes" in rep["comparisons"]
+
+
+def test_training_and_inference_shifts_are_settings():
+    """``train_shift`` moves the training density (SD3's shift 3: most draws at high noise; 1.0: centred on 0.5);
+    ``shift`` is the shipped scheduler's inference shift."""
+    from tpdm_rl.rollout.toy_backbone import (
+        ToyTrainSettings,
+        build_toy_pipeline,
+        training_scheduler,
+        training_timesteps,
+    )
+
+    pipe = build_toy_pipeline(0, shift=2.0)
+    assert pipe.scheduler.config.shift == 2.0
+    draws = {}
+    for shift in (1.0, 3.0):
+        sched = training_scheduler(pipe.scheduler.config, ToyTrainSettings(train_shift=shift))
+        t, sig = training_timesteps(sched, 20_000, torch.Generator().manual_seed(0))
+        assert torch.allclose(t, sig.flatten() * 1000, atol=1e-2)
+        draws[shift] = sig.flatten()
+    assert abs(draws[1.0].median() - 0.5) < 0.02 and abs(draws[3.0].median() - 0.75) < 0.02
+    assert abs((draws[3.0] > 0.5).float().mean() - 0.86) < 0.02
+    assert ToyTrainSettings().train_shift == 3.0 == ToyTrainSettings().shift  # the shipped recipe
