@@ -72,7 +72,7 @@ class ToyTrainSettings:
     """How the toy backbone is trained (the defaults reproduce the shipped folder)."""
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_latent_noise: float = 0.1

@@ -14,7 +14,9 @@ from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.toyworld import (
     BACKGROUNDS,
     COLOURS,
+    LATTICE,
     MIN_GAP,
+    SIZE_RANGE,
     TOY_PROMPT_SETS,
     Group,
     PlacedObject,
@@ -47,8 +49,13 @@ def test_renderer_is_deterministic_and_follows_the_layout_rules():
             gap_x = max(p.x0 - (o.x0 + o.size), o.x0 - (p.x0 + p.size))
             gap_y = max(p.y0 - (o.y0 + o.size), o.y0 - (p.y0 + p.size))
             assert max(gap_x, gap_y) >= MIN_GAP
+        quadrants = {(o.x0 // 32, o.y0 // 32) for o in sc.objects}
+        assert len(quadrants) == len(sc.objects)  # one object per quadrant
+        lo, hi = SIZE_RANGE[len(sc.objects)]
         for o in sc.objects:
-            assert o.size >= 8
+            assert o.size >= 8 and lo <= o.size <= hi
+            assert o.x0 % LATTICE == o.y0 % LATTICE == o.size % LATTICE == 0  # on the VAE's latent grid
+            assert (o.x0 + o.size) // 32 == o.x0 // 32 and (o.y0 + o.size) // 32 == o.y0 // 32  # inside it
             colours = {tuple(c) for c in img[o.y0:o.y0 + o.size, o.x0:o.x0 + o.size][shape_mask(o.shape, o.size)]}
             assert colours == {COLOURS[o.colour]}  # flat fill, exact palette colour
 
