@@ -44,11 +44,11 @@ def test_a_run_folder_is_never_silently_reused(tmp_path, tiny_backbone_dir):
             *_sets(small_overrides(tiny_backbone_dir, **{"train.iterations": 2}))]
     assert main(args) == 0
     first = (out / "metrics.jsonl").read_text()
-    r = _cli(*args)
+    r = run_cli_in_process(*args)
     line = _one_line(r, 1)
     assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
     assert (out / "metrics.jsonl").read_text() == first  # nothing lost
-    r = _cli(*args, "--overwrite")
+    r = run_cli_in_process(*args, "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == first
@@ -64,8 +64,8 @@ def test_a_run_folder_in_use_is_refused_with_its_owner(tmp_path, tiny_backbone_d
                                "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = _cli("train", "--config", "configs/tiny.yaml", "--output", str(out), "--resume", "auto",
-                 *_sets(small_overrides(tiny_backbone_dir)))
+        r = run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(out), "--resume", "auto",
+                               *_sets(small_overrides(tiny_backbone_dir)))
         line = _one_line(r, 1)
         assert "in use by pid" in line and str(holder.pid) in line
     finally:
@@ -77,7 +77,7 @@ def test_a_run_folder_in_use_is_refused_with_its_owner(tmp_path, tiny_backbone_d
 @pytest.mark.parametrize("kv", ["optim.lr=.inf", "rewards.fidelity.weight=.nan", "step_penalty.coef=.inf",
                                 "backbone.guidance_scale=.inf", "rewards.fidelity.max_psnr=.nan"])
 def test_non_finite_settings_are_rejected(kv):
-    r = _cli("train", "--config", "configs/tiny.yaml", "--set", kv, "--output", "/nonexistent/never")
+    r = run_cli_in_process("train", "--config", "configs/tiny.yaml", "--set", kv, "--output", "/nonexistent/never")
     line = _one_line(r, 2)
     assert kv.split("=")[0] in line and ("finite" in line or "inf" in line or "nan" in line)
 
@@ -101,7 +101,8 @@ def test_resume_with_a_changed_objective_needs_consent_and_is_recorded(tmp_path,
     base = small_overrides(tiny_backbone_dir, **{"train.iterations": 1})
     assert main(["train", "--config", "configs/tiny.yaml", "--output", str(out), *_sets(base)]) == 0
     more = small_overrides(tiny_backbone_dir, **{"train.iterations": 2, "optim.lr": 0.01, "step_penalty.coef": 2.0})
-    r = _cli("train", "--config", "configs/tiny.yaml", "--output", str(out), "--resume", "auto", *_sets(more))
+    r = run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(out), "--resume", "auto",
+                           *_sets(more))
     line = _one_line(r, 2)
     assert "optim.lr: 0.001 -> 0.01" in line and "step_penalty.coef: 1.0 -> 2.0" in line
     assert "--allow-config-change" in line
@@ -158,7 +159,7 @@ def test_quiet_acceptance_now_warns(tmp_path, tiny_backbone_dir):
     prompts.write_text("a cat\na cat\na cat\n")
     for args, needle in (([ "--config", str(empty)], "is empty"), (["--config", str(dup)], "'group_size' is given twice"),
                          (["--config", "configs/tiny.yaml", "--set", f"rollout.prompts={prompts}"], "same prompt")):
-        r = _cli("config", *args)
+        r = run_cli_in_process("config", *args)
         assert r.returncode == 0 and needle in r.stderr, r.stderr
     assert load_config(str(dup)).rollout.group_size == 6
 

@@ -108,25 +108,31 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.fixture(scope="module")
+def zero1_two_ranks_two_updates() -> list[dict]:
+    """ZeRO-1, 2 ranks, iterations 0 and 1 from the initial weights (shared: spawning a group costs ~10 s)."""
+    return _run_group(1, 2, [0, 1], _initial_weights())
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_ranks_give_the_single_process_update(zero_stage):
+def test_two_ranks_give_the_single_process_update(zero_stage, request):
     w0 = _initial_weights()
     ref = _single_process([0, 1])
     assert _max_diff(ref, w0) > 1e-3  # the update moved the weights
     one = _run_group(zero_stage, 1, [0, 1], w0)[0]["weights"]
-    two = _run_group(zero_stage, 2, [0, 1], w0)
+    two = request.getfixturevalue("zero1_two_ranks_two_updates") if zero_stage == 1 else _run_group(2, 2, [0, 1], w0)
     assert _max_diff(two[0]["weights"], two[1]["weights"]) == 0.0
     assert _max_diff(one, ref) < 1e-5
     assert _max_diff(two[0]["weights"], ref) < 1e-5
 
 
-def test_zero_partitioned_optimizer_state_round_trips():
+def test_zero_partitioned_optimizer_state_round_trips(zero1_two_ranks_two_updates):
     """ZeRO-1, 2 ranks: update, checkpoint every rank's partition, rebuild the group, update again ==
     two updates straight."""
     from tpdm_rl.ds_learner import check_resumable, merge_rank_states
 
     w0 = _initial_weights()
-    straight = _run_group(1, 2, [0, 1], w0)
+    straight = zero1_two_ranks_two_updates
     first = _run_group(1, 2, [0], w0)
     state = merge_rank_states([r["optim"] for r in first])
     assert check_resumable(state, 1, 2) is None

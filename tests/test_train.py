@@ -143,12 +143,12 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(tmp_path, tiny_back
     optim = ck / "optimizer.pt"
     good = optim.read_bytes()
     optim.write_bytes(good[: len(good) // 2])  # torn write
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
-                                "--set", "train.iterations=2", "--resume", "auto"))
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
+                                              "--set", "train.iterations=2", "--resume", "auto"))
     assert "optimizer.pt" in line and "corrupt" in line
     # ZeRO-partitioned optimizer state (from a distributed learner group) cannot go into one process
     torch.save({"zero": {"stage": 1, "world": 2, "ranks": [{}, {}]}}, optim)
-    line = _one_line_error(_cli("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
-                                "--set", "train.iterations=2", "--resume", "auto"))
+    line = _one_line_error(run_cli_in_process("train", "--config", "configs/tiny.yaml", "--output", str(run), *over,
+                                              "--set", "train.iterations=2", "--resume", "auto"))
     assert "ZeRO-1" in line and "2 learner ranks" in line and "step_1" in line
     assert len(read_metrics(run / "metrics.jsonl")) == 1  # nothing lost
