@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli_in_process
 from diffusers import StableDiffusion3Pipeline
 from tpdm_rl.rollout.toy_backbone import (
     TEXT_LEN,
@@ -60,8 +61,7 @@ def test_make_toy_backbone_copies_the_shipped_folder_and_refuses_a_used_one(tmp_
     assert (out / "model_index.json").is_file()
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (shipped_toy_dir() / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "make-toy-backbone", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli_in_process("make-toy-backbone", str(out))  # the refusal: no need for a second interpreter
     assert r.returncode != 0 and "not an empty folder" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
