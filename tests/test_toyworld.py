@@ -49,8 +49,10 @@ def test_renderer_is_deterministic_and_follows_the_layout_rules():
             gap_x = max(p.x0 - (o.x0 + o.size), o.x0 - (p.x0 + p.size))
             gap_y = max(p.y0 - (o.y0 + o.size), o.y0 - (p.y0 + p.size))
             assert max(gap_x, gap_y) >= MIN_GAP
-        quadrants = {(o.x0 // 32, o.y0 // 32) for o in sc.objects}
-        assert len(quadrants) == len(sc.objects)  # one object per quadrant
+        quadrants = [(o.y0 // 32, o.x0 // 32) for o in sc.objects]
+        assert quadrants == [(0, 0), (0, 1), (1, 0), (1, 1)][:len(sc.objects)]  # quadrants in reading order
+        named = [(g.colour, g.shape) for g in sc.prompt.groups for _ in range(g.count)]
+        assert [(o.colour, o.shape) for o in sc.objects] == named  # ... filled in the order the prompt names
         lo, hi = SIZE_RANGE[len(sc.objects)]
         for o in sc.objects:
             assert o.size >= 8 and lo <= o.size <= hi
