@@ -1,7 +1,8 @@
 """The toy world: a grammar of prompts, a seeded scene sampler and an exact renderer.
 
 A scene is 1 to 4 flat-filled shapes (circle, axis-aligned square, upright triangle) in a palette
-colour on a plain background, each in its own quadrant of the image, filled in the order the prompt names them. Sizes and positions lie on a
+colour on a plain background, each in its own quadrant of the image, the quadrants filled in reading order
+in the order the prompt names the objects. Sizes and offsets lie on a
 4-pixel lattice (the VAE's latent grid), so an object's edges fall on latent-pixel boundaries: this is
 what lets a denoiser trained for under an hour on 2 CPU cores draw crisp shapes (the first world, with
 free offsets in a 3 x 3 grid, left the same recipe drawing blobs). Objects keep at least 8 px apart
@@ -13,7 +14,7 @@ and 4 px from the border. Its prompt follows one grammar exactly::
 for example ``two red circles, a blue square and a yellow triangle on a white background``.
 
 Everything a model must get right is in the prompt (counts, colours, shapes, background); what the
-prompt leaves open (positions, sizes) is drawn from the seed. Scenes with more objects use smaller
+prompt leaves open (offsets within a quadrant, sizes) is drawn from the seed. Scenes with more objects use smaller
 objects, so complexity (the number of objects and of groups) is known and makes prompts harder.
 
 Train and held-out prompts are disjoint as *combinations* (the background plus the multiset of
