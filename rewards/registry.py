@@ -44,6 +44,12 @@ def reward_class(name: str) -> type:
     return _REGISTRY[name]
 
 
+def reward_names() -> list[str]:
+    """Every registered reward name, sorted (the built-in ones whose dependencies are installed)."""
+    _load_builtin_rewards()
+    return sorted(_REGISTRY)
+
+
 def reward_options(name: str) -> set[str]:
     """The keyword options ``build_reward(name, ...)`` accepts."""
     cls = reward_class(name)
