@@ -1,6 +1,6 @@
 """The package's layers: lower layers never import higher ones; no hidden (function-local) imports.
 
-Layers, bottom to top (README "Layout"):
+Layers, bottom to top (docs/design.md, "Layers"):
 0 foundation: config, validated settings and shared helpers, the reward registry, the toy world, RNG
 1 algorithm: policy, objective, typed messages, sampling engine, schedules, flow step, trajectories
 2 roles: backbone, rollout worker, samplers, rewards, learners, checkpoints, metrics, resources
