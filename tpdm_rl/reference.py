@@ -10,29 +10,16 @@ tests/test_docs.py fails when a file in docs/ differs from what this module gene
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
 from .cli_config import markdown_reference
 from .config import RESUME_FREE_KEYS
 from .metrics import metrics_markdown
-from .rewards.registry import reward_class, reward_names
+from .rewards.registry import reward_class, reward_names, reward_option_defaults
 
 #: repository root (the folder that holds docs/)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def reward_option_defaults(name: str) -> dict[str, object]:
-    """A reward's keyword options and their defaults (subclass first, as ``build_reward`` accepts them)."""
-    out: dict[str, object] = {}
-    for klass in reward_class(name).__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        for p, v in inspect.signature(klass.__init__).parameters.items():
-            if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD) and p not in out:
-                out[p] = None if v.default is inspect.Parameter.empty else v.default
-    return out
 
 
 def _cell(value: object) -> str:
