@@ -44,16 +44,27 @@ def reward_class(name: str) -> type:
     return _REGISTRY[name]
 
 
+def reward_names() -> list[str]:
+    """Every registered reward name, sorted (the built-in ones whose dependencies are installed)."""
+    _load_builtin_rewards()
+    return sorted(_REGISTRY)
+
+
+def reward_option_defaults(name: str) -> dict[str, Any]:
+    """The keyword options ``build_reward(name, ...)`` accepts, with their defaults (None when required)."""
+    out: dict[str, Any] = {}
+    for klass in reward_class(name).__mro__:  # the subclass's default wins
+        if "__init__" not in vars(klass):
+            continue
+        for p, v in inspect.signature(klass.__init__).parameters.items():
+            if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD) and p not in out:
+                out[p] = None if v.default is inspect.Parameter.empty else v.default
+    return out
+
+
 def reward_options(name: str) -> set[str]:
     """The keyword options ``build_reward(name, ...)`` accepts."""
-    cls = reward_class(name)
-    opts: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params = inspect.signature(klass.__init__).parameters
-            opts |= {p for p, v in params.items() if p != "self" and v.kind is v.KEYWORD_ONLY
-                     or (p != "self" and v.kind is v.POSITIONAL_OR_KEYWORD)}
-    return opts
+    return set(reward_option_defaults(name))
 
 
 def build_reward(name: str, **options: Any) -> Any:

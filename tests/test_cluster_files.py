@@ -11,12 +11,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 import jsonschema
@@ -307,9 +304,8 @@ def test_dockerfile_installs_the_copy_with_constraints_and_matching_ray():
     workdir, argv = installs[0]
     constraints = PurePosixPath(workdir) / _option_value(argv, "-c")
     assert constraints == PurePosixPath(layout["copy_dest"]) / "constraints.txt"
-    # Editable: Ray puts working_dir first on PYTHONPATH, and the uploaded tpdm_rl/ has no rollout/ or
-    # rewards/ subfolders; only the editable install's finder maps tpdm_rl.rollout / tpdm_rl.rewards
-    # (see test_working_dir_on_pythonpath_still_finds_subpackages).
+    # Editable: the image holds one copy of the code, both installed and rayjob.yaml's working_dir (what
+    # the workers then import is tested in tests/test_source_tree.py).
     assert _option_value(argv, "-e") == f"{layout['copy_dest']}{EXTRAS}"
 
 
@@ -357,37 +353,3 @@ def test_dockerignore_keeps_local_artifacts_out_of_the_image():
         assert _dockerignore_excluded(path, patterns), f".dockerignore does not cover {path}"
     for path in [*MUST_KEEP, "cluster/Dockerfile"]:
         assert not _dockerignore_excluded(path, patterns), f".dockerignore drops {path}"
-
-
-def _installed_editable() -> bool:
-    # All distributions named tpdm-rl: the repository's own tpdm_rl.egg-info (found through the
-    # current directory) has no direct_url.json; the installed dist-info says whether it is editable.
-    for dist in metadata.distributions(name="tpdm-rl"):
-        direct_url = dist.read_text("direct_url.json")
-        if direct_url and json.loads(direct_url).get("dir_info", {}).get("editable", False):
-            return True
-    return False
-
-
-@pytest.mark.skipif(not _installed_editable(), reason="tpdm-rl is not installed editable here")
-def test_working_dir_on_pythonpath_still_finds_subpackages(tmp_path):
-    # What a Ray job with a working_dir sees: an uploaded copy of the repository first on PYTHONPATH,
-    # so tpdm_rl comes from the copy, and tpdm_rl.rollout / tpdm_rl.rewards (not inside tpdm_rl/) must
-    # come from the editable install.
-    working_dir = tmp_path / "working_dir"
-    (working_dir / "tpdm_rl").mkdir(parents=True)
-    (working_dir / "tpdm_rl" / "__init__.py").write_text((REPO / "tpdm_rl" / "__init__.py").read_text())
-    code = (
-        "import importlib.util, json\n"
-        "names = ['tpdm_rl', 'tpdm_rl.rollout', 'tpdm_rl.rewards']\n"
-        "specs = {n: importlib.util.find_spec(n) for n in names}\n"
-        "print(json.dumps({n: s and s.origin for n, s in specs.items()}))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(working_dir)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=working_dir, env=env, check=True, capture_output=True, text=True
-    )
-    origins = json.loads(out.stdout)
-    assert Path(origins["tpdm_rl"]).parent.parent == working_dir  # the copy shadows the install
-    assert origins["tpdm_rl.rollout"] and origins["tpdm_rl.rollout"].endswith("rollout/__init__.py")
-    assert origins["tpdm_rl.rewards"] and origins["tpdm_rl.rewards"].endswith("rewards/__init__.py")

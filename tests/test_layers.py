@@ -1,6 +1,6 @@
 """The package's layers: lower layers never import higher ones; no hidden (function-local) imports.
 
-Layers, bottom to top (README "Layout"):
+Layers, bottom to top (docs/design.md, "Layers"):
 0 foundation: config, validated settings and shared helpers, the reward registry, the toy world, RNG
 1 algorithm: policy, objective, typed messages, sampling engine, schedules, flow step, trajectories
 2 roles: backbone, rollout worker, samplers, rewards, learners, checkpoints, metrics, resources
@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.metrics": 2,
     "tpdm_rl.resources": 2,
     "tpdm_rl.controller": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
-    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4,
+    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4, "tpdm_rl.reference": 4,
     "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4, "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
 }
 #: the only packages a function may import lazily: optional heavy dependencies

@@ -1,10 +1,16 @@
 """tpdm-rl: RL-trained adaptive denoising schedules (TPDM) for diffusion models.
 
-The repository keeps ``rollout/`` and ``rewards/`` beside ``tpdm_rl/``; installed (wheel or
-editable) they are ``tpdm_rl.rollout`` and ``tpdm_rl.rewards``. When this package is imported
-straight from a source tree (for example a Ray job's uploaded working directory placed first on
-``sys.path``), the same two names are mapped to the sibling folders, so the code that runs is the
-tree's own, whatever else is installed.
+The repository keeps ``rollout/`` and ``rewards/`` beside ``tpdm_rl/``; their import names are
+``tpdm_rl.rollout`` and ``tpdm_rl.rewards``. One mechanism makes that so at run time: when this
+package is imported from a source tree (its folder has no ``rollout/`` inside and the sibling
+folders ``rollout/`` and ``rewards/`` exist), ``_SourceTreeFinder`` below is put first on
+``sys.meta_path`` and maps the two names to the siblings of *this* ``tpdm_rl/``. That covers an
+editable install, a checkout on ``PYTHONPATH``, a Ray job's uploaded ``working_dir`` (Ray puts it
+first on every worker's ``PYTHONPATH``, so the uploaded copy wins over any installed one) and the
+Docker image (an editable install of the copy that is also the job's ``working_dir``). A wheel
+needs no mapping: the build (``[tool.setuptools.package-dir]`` in pyproject.toml) copies the two
+folders into ``tpdm_rl/``, and the finder stays off. docs/design.md ("Source tree and import
+names") describes it; tests/test_source_tree.py proves each case.
 """
 
 from __future__ import annotations
