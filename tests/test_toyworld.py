@@ -310,3 +310,34 @@ def test_shapes_reward_is_registered_and_refuses_prompts_outside_the_grammar():
     assert torch.equal(scores, torch.ones(3)) and torch.equal(extra["exact"], torch.ones(3))
     with pytest.raises(RewardError, match="a photo of a cat"):
         r.score(_images(scenes[:1]), ["a photo of a cat"])
+
+
+# ---------------------------------------------------------------------------------------------- eval's classes
+def test_complexity_report_groups_by_unplaced_objects_and_by_objects(tmp_path):
+    from tpdm_rl.evaluation.plots import plot_complexity
+    from tpdm_rl.evaluation.report import complexity_lines
+    from tpdm_rl.evaluation.run import MethodResult, complexity_report
+
+    prompts = ["a red circle in the top left on a white background",  # 1 object, 0 unplaced
+               "a red circle on a white background",  # 1, 1
+               "a red circle in the top left and two blue squares on a black background",  # 3, 2
+               "two red circles and two blue squares on a gray background"]  # 4, 4
+    nfe = torch.tensor([2.0, 4.0, 6.0, 8.0])  # a TPM whose steps follow ambiguity exactly
+
+    def result(name: str, n: torch.Tensor) -> MethodResult:
+        z = torch.zeros(4)
+        return MethodResult(name, n, n, 0.0, 0.0, z, z, {"shapes": torch.tensor([1.0, 0.5, 0.5, 0.25])}, [], [],
+                            torch.zeros(0))
+
+    results = {"tpm": result("tpm", nfe), "fixed:4": result("fixed:4", torch.full((4,), 4.0))}
+    cx = complexity_report(results, prompts, list(results))
+    assert set(cx["nfe_by_unplaced"]["tpm"]) == {"0", "1", "2", "4"}
+    assert cx["nfe_by_unplaced"]["tpm"]["2"]["mean"] == 6.0 and cx["nfe_by_unplaced"]["tpm"]["0"]["n"] == 1
+    assert set(cx["nfe_by_objects"]["tpm"]) == {"1", "3", "4"} and cx["nfe_by_objects"]["tpm"]["1"]["mean"] == 3.0
+    assert cx["scores_by_unplaced"]["tpm"]["shapes"]["4"]["mean"] == 0.25
+    assert cx["spearman_tpm_nfe"]["unplaced"]["rho"] == pytest.approx(1.0)
+    report = {"complexity": cx, "metrics": ["shapes"]}
+    text = "\n".join(complexity_lines(report))
+    assert "NFE by number of unplaced" in text and "shapes by number of unplaced" in text and "object(s)" in text
+    plot_complexity(tmp_path / "steps_vs_complexity.png", report)
+    assert (tmp_path / "steps_vs_complexity.png").stat().st_size > 0
