@@ -1,25 +1,27 @@
 """The toy world: a grammar of prompts, a seeded scene sampler and an exact renderer.
 
 A scene is 1 to 4 flat-filled shapes (circle, axis-aligned square, upright triangle) in a palette
-colour on a plain background, each in its own quadrant of the image, the quadrants filled in reading order
-in the order the prompt names the objects. Sizes and offsets lie on a
-4-pixel lattice (the VAE's latent grid), so an object's edges fall on latent-pixel boundaries: this is
-what lets a denoiser trained for under an hour on 2 CPU cores draw crisp shapes (the first world, with
-free offsets in a 3 x 3 grid, left the same recipe drawing blobs). Objects keep at least 8 px apart
-and 4 px from the border. Its prompt follows one grammar exactly::
+colour on a plain background. Sizes and positions lie on a 4-pixel lattice (the VAE's latent grid), so an
+object's edges fall on latent-pixel boundaries: this is what lets a denoiser trained for under an hour on
+2 CPU cores draw crisp shapes. Objects keep at least 8 px apart and 4 px from the border. Its prompt
+follows one grammar exactly::
 
     prompt := group ((", " group)* " and " group)? " on a " bg " background"
-    group  := count " " colour " " shape          (count: a | two | three | four; plural shape if > 1)
+    group  := count " " colour " " shape [" in the " (top|bottom) " " (left|right)]
+              (count: a | two | three | four; plural shape if > 1; a place only on a group of one)
 
-for example ``two red circles, a blue square and a yellow triangle on a white background``.
+for example ``two red circles, a blue square in the top left and a yellow triangle on a white background``;
+at most 4 objects, no two groups share colour and shape, no two placed objects share a quadrant.
 
-Everything a model must get right is in the prompt (counts, colours, shapes, background); what the
-prompt leaves open (offsets within a quadrant, sizes) is drawn from the seed. Scenes with more objects use smaller
-objects, so complexity (the number of objects and of groups) is known and makes prompts harder.
+Ambiguity varies by prompt (the places world): a placed object is fixed by the prompt (16 px, centred in its
+quadrant), an unplaced one goes anywhere it fits with a free size drawn from the seed. The number of unplaced
+objects (0-4) is the class that should decide how many denoising steps a prompt needs. The first world's
+prompts (no places) are the "none placed" kind and still parse the same; the shipped backbone and the bundled
+``toy-train`` / ``toy-heldout`` sets are that world's; ``toy-places-*`` balance all placed, mixed and none placed.
 
 Train and held-out prompts are disjoint as *combinations* (the background plus the multiset of
-groups, whatever their order in the sentence): a held-out prompt names a combination that neither
-the toy backbone nor the TPM saw in training.
+groups with their places, whatever their order in the sentence): a held-out prompt names a combination that
+neither the toy backbone nor the TPM saw in training.
 """
 
 from __future__ import annotations
