@@ -24,6 +24,11 @@ Method strings (``parse_method``):
     reads the transformer's features, which do not exist on a skipped step.
 ``tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP]``
     The same with the legacy rule.
+``sigmas:S0,S1,...,0``
+    An explicit sigma table (strictly decreasing, in [0, 1], ending at 0; NFE = its length - 1), run
+    through the engine like ``fixed:N``. In a comma-separated method list the numbers after ``sigmas:``
+    belong to the table up to the next token that is not a number (``tpm,sigmas:1,0.5,0,fixed:4`` is three
+    methods). ``rollout.tables`` has the hand-made families (``eval --tables``).
 ``tpm-mean[:N]``
     The control for "adapts to the prompt" vs "learned a better global schedule": the TPM's own
     schedules on the evaluated prompts, averaged over prompts (``schedules.mean_schedule``) and
@@ -52,10 +57,11 @@ from .engine import SamplingEngine
 from .flow import euler_step, terminal
 from .rng import derive_key, keyed_normal_noise
 from .schedules import INFERENCE_MODES, FixedSchedule, TPMSchedule
+from .tables import TableError, check_table
 
 INFERENCE_STREAM = 0x1F3  # key of the Beta draws of ``policy.inference: sample`` (per image: its noise seed)
 
-METHOD_FORMS = ("fixed:N, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
+METHOD_FORMS = ("fixed:N, sigmas:S0,...,0, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
                 "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm-mean[:N]")
 SKIPPING_KINDS = ("adaptive", "adaptive-legacy", "tpm+adaptive", "tpm+adaptive-legacy")
 DEFAULT_THRESHOLD = 0.01
@@ -73,15 +79,27 @@ class MethodError(ValueError):
 class Method:
     """A parsed sampling method."""
 
-    kind: str  # "fixed" | "tpm" | "tpm-mean" | one of SKIPPING_KINDS
-    steps: int = 0  # fixed:N, tpm-mean:N (0: around the TPM's mean NFE)
+    kind: str  # "fixed" | "sigmas" | "tpm" | "tpm-mean" | one of SKIPPING_KINDS
+    steps: int = 0  # fixed:N, tpm-mean:N (0: around the TPM's mean NFE), sigmas: its NFE
     threshold: float = DEFAULT_THRESHOLD
     max_skip: int = DEFAULT_MAX_SKIP
+    table: tuple[float, ...] = ()  # sigmas: the table, ending with 0
+
+    @classmethod
+    def sigmas(cls, values: list[float] | tuple[float, ...]) -> Method:
+        """An explicit sigma table as a method (validated: decreasing, in [0, 1], ending at 0)."""
+        try:
+            table = check_table(tuple(values))
+        except TableError as exc:
+            raise MethodError(f"bad method sigmas: {exc}") from None
+        return cls("sigmas", steps=len(table) - 1, table=table)
 
     @property
     def name(self) -> str:
         if self.kind == "fixed":
             return f"fixed:{self.steps}"
+        if self.kind == "sigmas":
+            return "sigmas:" + ",".join(f"{v:.4g}" for v in self.table)
         if self.kind == "tpm":
             return "tpm"
         if self.kind == "tpm-mean":
@@ -119,6 +137,15 @@ def parse_method(text: str) -> Method:
     if not s:
         raise _bad(raw, "empty")
     head, _, rest = s.partition(":")
+    if head == "sigmas":
+        values = []
+        for tok in (rest.split(",") if rest else []):
+            try:
+                values.append(float(tok))
+            except ValueError:
+                raise MethodError(f"bad method sigmas: value {tok!r} of {raw!r} is not a number; expected "
+                                  "decreasing sigmas in [0, 1] ending at 0, e.g. sigmas:1,0.9,0.5,0") from None
+        return Method.sigmas(values if rest else [])
     if head == "tpm":
         if rest:
             raise _bad(raw, "'tpm' takes no argument")
@@ -159,7 +186,7 @@ def parse_method(text: str) -> Method:
 
 def parse_methods(text: str | list[str]) -> list[Method]:
     """A comma-separated list (or a list of strings) of methods, duplicates dropped, order kept."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    items = _join_tables(text.split(",")) if isinstance(text, str) else list(text)
     out: list[Method] = []
     for item in items:
         m = parse_method(item)
@@ -167,6 +194,28 @@ def parse_methods(text: str | list[str]) -> list[Method]:
             out.append(m)
     if not out:
         raise _bad(str(text), "no method given")
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_tables(tokens: list[str]) -> list[str]:
+    """Re-join ``sigmas:`` tables split on commas: the numbers after ``sigmas:`` belong to the table."""
+    out: list[str] = []
+    in_table = False
+    for tok in tokens:
+        t = tok.strip()
+        if in_table and _is_number(t):
+            out[-1] += "," + t
+            continue
+        in_table = t.lower().startswith("sigmas:")
+        out.append(tok)
     return out
 
 
@@ -247,7 +296,7 @@ class BaselineSampler:
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(prompts), chunk):
             p, s = prompts[start:start + chunk], noise_seeds[start:start + chunk]
-            if m.kind in ("fixed", "tpm", "tpm-mean"):
+            if m.kind in ("fixed", "sigmas", "tpm", "tpm-mean"):
                 parts.append(self._run_engine(m, p, s, decode, table))
             else:
                 parts.append(self._run_skipping(m, p, s, decode))
@@ -274,6 +323,8 @@ class BaselineSampler:
             tr = eng.run_fixed(prompts, seeds, m.steps, decode=decode)
         elif m.kind == "tpm-mean":
             tr = eng.run_table(prompts, seeds, table, decode=decode)
+        elif m.kind == "sigmas":
+            tr = eng.run_table(prompts, seeds, torch.tensor(m.table, dtype=torch.float32), decode=decode)
         else:
             tr = eng.run(prompts, seeds, self._sample_keys(seeds), self._tpm_schedule(), decode=decode, max_steps=self.max_steps)
         self.stats["backbone_calls"] += eng.stats["backbone_calls"] - before

@@ -28,7 +28,7 @@ from tpdm_rl.checkpoint import load_tpm
 from tpdm_rl.utils import DTYPES
 
 from .backbone import Backbone, BackboneError
-from .baselines import DEFAULT_MAX_SKIP, BaselineSampler, Method
+from .baselines import DEFAULT_MAX_SKIP, BaselineSampler, Method, parse_method
 from .settings import (
     check_compatible,
     checkpoint_error,
@@ -134,13 +134,14 @@ class TPDMPipeline:
 
     def __call__(self, prompt: str | list[str], seed: int | list[int] | None = None, height: int | None = None,
                  width: int | None = None, adaptive_threshold: float | None = None,
-                 max_skip: int = DEFAULT_MAX_SKIP) -> TPDMOutput:
+                 max_skip: int = DEFAULT_MAX_SKIP, method: Method | str | None = None) -> TPDMOutput:
         """Generate one image per prompt with the TPM's schedule.
 
         ``seed``: one int per prompt (the same initial noise as ``StableDiffusion3Pipeline`` with
         ``generator=torch.Generator().manual_seed(seed)``); a single int s gives s, s+1, ...; None
         draws seeds from torch's global RNG (returned in ``.seeds``). ``adaptive_threshold`` turns on
-        AdaptiveDiffusion skipping on top of the TPM's schedule (``tpm+adaptive``).
+        AdaptiveDiffusion skipping on top of the TPM's schedule (``tpm+adaptive``). ``method``: run a
+        baseline instead of the TPM, e.g. ``"sigmas:1,0.9,0.75,0.5,0"`` (an explicit table) or ``"fixed:8"``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -153,7 +154,11 @@ class TPDMPipeline:
             seeds = [int(s) for s in seed]
             if len(seeds) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        method = Method("tpm") if adaptive_threshold is None else Method(
-            "tpm+adaptive", threshold=float(adaptive_threshold), max_skip=int(max_skip))
+        if method is not None:
+            method = parse_method(method) if isinstance(method, str) else method
+        elif adaptive_threshold is None:
+            method = Method("tpm")
+        else:
+            method = Method("tpm+adaptive", threshold=float(adaptive_threshold), max_skip=int(max_skip))
         out = self.sampler(height, width).run(method, prompts, seeds)
         return TPDMOutput(images=out.images, sigmas=out.sigmas, steps=out.steps, nfe=out.nfe, seeds=seeds)

@@ -1,8 +1,8 @@
 """Schedules: what decides sigma_next for each active trajectory at its current step.
 
 ``FixedSchedule`` follows a sigma table (the backbone scheduler's own, or any other);
-``TPMSchedule`` asks the TPM policy (a Beta draw from each trajectory's own random stream when
-training, the Beta mode at inference).
+``TPMSchedule`` asks the TPM policy (a draw from each trajectory's own random stream when training; the
+``policy.inference`` rule at inference).
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tpdm_rl.policy import beta_log_prob, beta_mode, sample_ratio
-
 
 @dataclass
 class Proposal:
     """A schedule's decision for a batch of active trajectories at their current step."""
 
     sigma_next: torch.Tensor  # [B] proposed next sigma (before the terminal rule)
-    action: torch.Tensor  # [B] the action taken (ratio r for the TPM)
+    action: torch.Tensor  # [B] the action taken (ratio r for the TPM; 0 = stop for the stop-ratio TPM)
     logp: torch.Tensor  # [B] behaviour log-prob of the action (0 for deterministic schedules)
 
 
@@ -53,8 +51,9 @@ INFERENCE_MODES = ("mode", "mean", "sample")
 
 
 class TPMSchedule(Schedule):
-    """The TPM policy: r ~ Beta(alpha, beta) (``mode='sample'``), the Beta mode (``mode='mode'``, the paper's
-    inference) or the Beta mean (``mode='mean'``)."""
+    """The TPM policy: a draw of its action (``mode='sample'``) or a deterministic one (``mode='mode'``: the Beta
+    mode, the paper's inference / stop when p_stop > 1/2, else the median ratio; ``mode='mean'``: the mean
+    ratio), see :meth:`tpdm_rl.policy.TimePredictionModule.deterministic`."""
 
     uses_features = True
 
@@ -72,14 +71,12 @@ class TPMSchedule(Schedule):
         # the policy sees exactly what is stored for the learner (features and temb in the storage dtype)
         dev = next(self.policy.parameters()).device
         feats = features.to(self.feature_dtype).to(dev)
-        alpha, beta = self.policy(feats, temb.to(self.feature_dtype).to(dev), sigma.to(dev))
+        params = self.policy(feats, temb.to(self.feature_dtype).to(dev), sigma.to(dev))
         if self.mode == "sample":
-            r = sample_ratio(alpha, beta, keys.to(dev), step.to(dev))
-        elif self.mode == "mean":
-            r = (alpha / (alpha + beta)).float()
+            r = self.policy.sample(params, keys.to(dev), step.to(dev))
         else:
-            r = beta_mode(alpha, beta).float()
-        logp = beta_log_prob(alpha, beta, r)
+            r = self.policy.deterministic(params, self.mode)
+        logp = self.policy.log_prob(params, r)
         r, logp = r.to(sigma.device), logp.to(sigma.device)
         return Proposal(r * sigma, r, logp)
 

@@ -85,3 +85,74 @@ def test_paper_head_uses_exp_and_avg_then_max_pooling():
     torch.testing.assert_close((b - 1) / (b2 - 1), torch.full((5,), math.e), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="paper"):
         TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16, inputs="other"))
+
+
+# ---------------------------------------------------------------------------- the stop-ratio action
+STOP_SPEC = TPMSpec(in_channels=8, temb_dim=8, grid=4, hidden=16, action="stop-ratio",
+                    init_table=(1.0, 0.95, 0.9, 0.6, 0.3, 0.0), init_spread=0.3)
+
+
+def _params(tpm, sigma):
+    n = sigma.numel()
+    g = torch.Generator().manual_seed(0)
+    return tpm(torch.randn(n, 8, 4, 4, generator=g), torch.randn(n, 8, generator=g), sigma)
+
+
+def test_untrained_stop_ratio_tpm_follows_its_table_and_stops_where_it_jumps_to_zero():
+    from tpdm_rl.policy import STOP
+
+    tpm = TimePredictionModule(STOP_SPEC)
+    table = torch.tensor(STOP_SPEC.init_table)
+    sigma = table[:-1].clone()
+    act = tpm.deterministic(_params(tpm, sigma), "mode")
+    nxt = torch.where(act == STOP, torch.zeros_like(sigma), act * sigma)
+    torch.testing.assert_close(nxt, table[1:], atol=2e-3, rtol=0)
+    assert act[-1] == STOP and bool((act[:-1] > 0).all())
+    # a deterministic run from sigma 1 walks the table: 5 steps, the last one a stop
+    s, steps = torch.ones(1), 0
+    while float(s) > 0 and steps < 20:
+        a = tpm.deterministic(_params(tpm, s), "mode")
+        s = torch.zeros(1) if float(a) == STOP else a * s
+        steps += 1
+    assert steps == 5
+
+
+def test_stop_ratio_log_prob_matches_sampling_frequencies():
+    """Draws from the counter streams follow the distribution whose log-prob the learner uses: the stop frequency
+    is sigmoid(stop logit) and the ratio's logit has the predicted mean and std."""
+    tpm = TimePredictionModule(STOP_SPEC)
+    n = 20000
+    sigma = torch.full((n,), 0.45)  # halfway between 0.6 and 0.3: p_stop = 1/2
+    with torch.no_grad():
+        params = _params(tpm, sigma)
+        a = tpm.sample(params, torch.arange(n), torch.zeros(n, dtype=torch.int64))
+    stop = a == 0
+    p = torch.sigmoid(params[0]).mean()
+    assert abs(stop.float().mean() - p) < 0.02
+    z = torch.logit(a[~stop].double())
+    assert abs(float(z.mean() - params[1][~stop].double().mean())) < 0.02
+    assert abs(float(z.std() - params[2].exp().mean())) < 0.02
+    # log-probs are finite for both kinds of action, and integrate: sum over stop + density of r
+    lp = tpm.log_prob(params, a)
+    assert bool(torch.isfinite(lp).all())
+    r = torch.linspace(1e-4, 1 - 1e-4, 20001)
+    one = tpm.log_prob(tuple(x[:1].expand(r.numel()) for x in params), r).exp()
+    mass = float(torch.trapezoid(one, r)) + float(torch.sigmoid(params[0][0]))
+    assert abs(mass - 1.0) < 1e-3
+
+
+def test_stop_ratio_kl_and_entropy():
+    tpm = TimePredictionModule(STOP_SPEC)
+    with torch.no_grad():
+        p = _params(tpm, torch.tensor([1.0, 0.45, 0.3]))
+        assert torch.allclose(tpm.kl(p, p), torch.zeros(3), atol=1e-6)
+        q = (p[0] + 1.0, p[1] + 0.5, p[2])
+        assert bool((tpm.kl(p, q) > 0).all())
+        assert bool(torch.isfinite(tpm.entropy(p)).all())
+
+
+def test_stop_ratio_spec_round_trips_and_validates_its_table():
+    assert TPMSpec.from_dict(STOP_SPEC.to_dict()) == STOP_SPEC
+    for bad in ((), (1.0, 0.5), (1.0, 0.6, 0.7, 0.0)):
+        with pytest.raises(ValueError, match="init_table"):
+            TimePredictionModule(TPMSpec(8, 8, 4, action="stop-ratio", init_table=bad))

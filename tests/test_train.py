@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import run_cli_in_process, small_overrides
 from safetensors.torch import load_file
@@ -152,3 +153,28 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(tmp_path, tiny_back
                                               "--set", "train.iterations=2", "--resume", "auto"))
     assert "ZeRO-1" in line and "2 learner ranks" in line and "step_1" in line
     assert len(read_metrics(run / "metrics.jsonl")) == 1  # nothing lost
+
+
+def test_paper_formulation_and_stop_ratio_both_train(tmp_path, tiny_backbone_dir):
+    """The paper's formulation (Beta ratio on the official inputs, 1+exp head, stop below sigma_min) still trains;
+    the stop-ratio action trains too, with its stored log-probs recomputed exactly on the first epoch, trajectories
+    that end by a stop action (sigma 0 straight from a sigma well above sigma_min), and a learned spread."""
+    paper = _trainer(tmp_path, tiny_backbone_dir, "paper", **{"policy.inputs": "paper", "policy.action": "beta"})
+    paper.train()
+    recs = read_metrics(tmp_path / "paper" / "metrics.jsonl")
+    assert len(recs) == 2 and all(r["policy/behaviour_logp_err"] < 1e-5 for r in recs)
+    assert paper.policy.spec.inputs == "paper" and paper.policy.spec.action == "beta"
+
+    stop = _trainer(tmp_path, tiny_backbone_dir, "stop", **{"policy.action": "stop-ratio",
+                                                             "policy.init_table": "[1,0.8,0.5,0]"})
+    plan = plan_iteration(stop.cfg, stop.sampler, stop.prompts, 0)
+    trajs = stop.executor.worker.generate(plan.prompts, plan.noise_seeds, plan.sample_keys)
+    stops = trajs.action == 0
+    assert bool(stops.any())  # some trajectories end by the stop head ...
+    assert float(trajs.sigma[stops].min()) > stop.cfg.rollout.sigma_min  # ... from a sigma far above sigma_min
+    assert float(trajs.steps.double().mean()) == pytest.approx(3.0, abs=1.0)  # near the 3-step table at init
+    before = {k: v.clone() for k, v in stop.policy.state_dict().items()}
+    stop.train()
+    recs = read_metrics(tmp_path / "stop" / "metrics.jsonl")
+    assert all(r["policy/behaviour_logp_err"] < 1e-5 and r["policy/first_step_clipfrac"] == 0.0 for r in recs)
+    assert any(not torch.equal(before[k], v) for k, v in stop.policy.state_dict().items())

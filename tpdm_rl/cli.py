@@ -137,7 +137,7 @@ def closing_evaluation(cfg, output: Path) -> None:
     print(f"\nevaluating the final TPM on {e.prompts} ({e.methods}; rewards {e.rewards}) ...", flush=True)
     report = evaluate(output, output / "eval", prompts=e.prompts, methods=e.methods, rewards=e.rewards,
                       seeds=e.seeds, limit=e.limit or None, pareto_steps=e.pareto_steps, batch_size=e.batch_size,
-                      progress=cfg.logging.progress)
+                      progress=cfg.logging.progress, tables=e.tables or None)
     print(headline(report))
     print(f"evaluation: {report['num_images']} held-out images in {time.perf_counter() - t0:.0f} s; table "
           f"{output / 'eval' / 'results.md'}, images {output / 'eval' / 'grid.png'}")

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from tpdm_rl.rollout.baselines import MethodError, parse_methods
+from tpdm_rl.rollout.baselines import MethodError, parse_method, parse_methods
 from tpdm_rl.rollout.pipeline import TPDMPipeline
+from tpdm_rl.rollout.tables import TableError, load_family
 
 from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, evaluate, export_tpm
 
@@ -27,7 +28,7 @@ def _usage_errors(func):
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (MethodError, _OptionError) as exc:
+        except (MethodError, TableError, _OptionError) as exc:
             print(f"tpdm-rl: error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return EXIT_USAGE
 
@@ -51,6 +52,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
     parse_methods(args.methods)  # fail before anything is loaded
+    if args.tables:
+        load_family(args.tables)
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
     for flag, v in (("--seeds", args.seeds), ("--batch-size", args.batch_size),
                     ("--timing-repeats", args.timing_repeats)):
@@ -63,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
                       batch_size=args.batch_size, device=args.device, grid_prompts=args.grid_prompts,
                       progress=not args.no_progress, timing_repeats=args.timing_repeats,
-                      inference=args.tpm_inference)
+                      inference=args.tpm_inference, tables=args.tables)
 
     print((Path(args.output) / "results.md").read_text())
     print(f"evaluated {report['num_images']} images x {len(report['methods'])} methods in "
@@ -78,6 +81,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
     if args.size is not None and args.size < 1:
         raise _OptionError(f"--size must be a positive number of pixels, got {args.size}")
+    method = parse_method(args.method)
+    if method.kind == "tpm-mean":
+        raise _OptionError("--method tpm-mean needs many prompts (use tpdm-rl eval); expected tpm, fixed:N, "
+                           "sigmas:..., adaptive:... or tpm+adaptive:...")
+    if args.adaptive is not None and method.kind != "tpm":
+        raise _OptionError(f"--adaptive adds skipping to --method tpm only, got --method {args.method!r}")
     suffix = Path(args.output).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
         raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
@@ -85,7 +94,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device,
                                         inference=args.tpm_inference)
     res = args.size or pipe.resolution
-    out = pipe(args.prompt, seed=args.seed, height=res, width=res, adaptive_threshold=args.adaptive)
+    out = pipe(args.prompt, seed=args.seed, height=res, width=res, adaptive_threshold=args.adaptive,
+               method=None if method.kind == "tpm" else method)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     out.pil()[0].save(args.output)
     sig = out.sigmas[0]
@@ -108,7 +118,8 @@ def register(subparsers) -> None:
     e.add_argument("--checkpoint", required=True, help=ck)
     e.add_argument("--prompts", default="builtin:eval", help=".txt/.jsonl file or builtin:eval (default)")
     e.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated: fixed:N, adaptive:THRESHOLD[:MAX_SKIP], tpm, "
+                   help="comma-separated: fixed:N, sigmas:S0,S1,...,0 (an explicit table), "
+                        "adaptive:THRESHOLD[:MAX_SKIP], tpm, "
                         "tpm+adaptive:THRESHOLD[:MAX_SKIP], and adaptive-legacy / tpm+adaptive-legacy (the "
                         f"earlier skip rule) (default {DEFAULT_METHODS}); fixed:28 is always run as the reference")
     e.add_argument("--rewards", default="fidelity",
@@ -128,6 +139,9 @@ def register(subparsers) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--tpm-inference", choices=["mode", "mean", "sample"], default=None,
                    help="how the TPM picks its ratio (default: the TPM file's policy.inference)")
+    e.add_argument("--tables", default=None, metavar="FAMILY",
+                   help="also run a family of hand-made sigma tables (one per NFE) and compare the TPM with it at "
+                        "equal NFE: builtin:toy (chosen on training-split toy prompts), shift:S, or a .json file")
     e.set_defaults(func=cmd_eval)
 
     s = subparsers.add_parser("sample", help="generate one image with a trained TPM")
@@ -137,6 +151,8 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="noise seed (as diffusers' Generator().manual_seed)")
     s.add_argument("--backbone", default=None, help="backbone path (default: the TPM's backbone_path)")
     s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the trained resolution)")
+    s.add_argument("--method", default="tpm", help="tpm (default), or a baseline: sigmas:S0,...,0 (an explicit "
+                   "table), fixed:N, adaptive:THRESHOLD")
     s.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
                    help="also skip transformer calls with AdaptiveDiffusion (tpm+adaptive)")
     s.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")

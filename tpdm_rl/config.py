@@ -62,6 +62,14 @@ class PolicyConfig(_Strict):
     init_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="mean of the untrained TPM's ratio "
                               "sigma_next / sigma")
     init_concentration: float = Field(20.0, gt=2.0, description="alpha + beta of the untrained TPM's Beta")
+    action: Literal["beta", "stop-ratio"] = Field(
+        "beta", description="beta: the paper's Beta ratio sigma_next / sigma, ending when it falls below "
+        "rollout.sigma_min; stop-ratio: a stop head (jump to sigma 0) and a logit-normal ratio with a learned "
+        "spread, both starting at policy.init_table")
+    init_table: list[float] = Field(default_factory=list, description="stop-ratio: the base sigma table the "
+                                    "untrained TPM follows (decreasing, in [0, 1], ending at 0), e.g. [1, 0.9, "
+                                    "0.75, 0.5, 0]; choose it on training-split prompts (benchmarks/toy_tables.py)")
+    init_spread: float = Field(0.3, gt=0.0, le=5.0, description="stop-ratio: the untrained TPM's std of logit r")
     inputs: Literal["blocks", "paper"] = Field("blocks", description="blocks: backbone.feature_blocks of the "
                                                "conditional branch, mean+max pool, 1+softplus; paper: the official "
                                                "TPDM inputs (pos_embed and norm_out outputs and temb, CFG-combined), "
@@ -72,6 +80,14 @@ class PolicyConfig(_Strict):
 
     @model_validator(mode="after")
     def _alpha_beta_above_one(self) -> PolicyConfig:
+        if self.action == "stop-ratio":
+            from tpdm_rl.rollout.tables import TableError, check_table
+
+            try:
+                check_table(self.init_table, "init_table")
+            except TableError as exc:
+                raise ValueError(f"{exc} (stop-ratio needs a table to start from)") from None
+            return self
         a, b = self.init_ratio * self.init_concentration, (1 - self.init_ratio) * self.init_concentration
         if a <= 1 or b <= 1:
             raise ValueError(f"init_ratio {self.init_ratio} x init_concentration {self.init_concentration} gives "
@@ -220,6 +236,8 @@ class EvalConfig(_Strict):
     rewards: str = Field("fidelity", description="comma-separated reward names scored")
     pareto_steps: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 20, 28], min_length=1,
                                     description="the fixed:N curve")
+    tables: str = Field("", description="a hand-made sigma table family compared at equal NFE (tpdm-rl eval "
+                        "--tables): builtin:toy, shift:S or a .json file; empty: none")
     seeds: int = Field(1, ge=1, description="images per prompt")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
     batch_size: int = Field(16, ge=1, description="concurrent images per backbone call")

@@ -19,14 +19,14 @@ from tpdm_rl.rollout.rng import derive_key
 from .config import AlgorithmConfig, OptimConfig
 from .messages import LearnBatch
 from .objective import ppo_clip_loss
-from .policy import TimePredictionModule, beta_entropy, beta_log_prob
+from .policy import TimePredictionModule
 
 
-def policy_terms(policy: torch.nn.Module, batch: LearnBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
-    """(log-prob of the stored actions, entropy, alpha, beta) under ``policy``."""
-    alpha, beta = policy(batch.features, batch.temb, batch.sigma)
-    return beta_log_prob(alpha, beta, batch.action), beta_entropy(alpha, beta), alpha, beta
+def policy_terms(policy: TimePredictionModule, batch: LearnBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(log-prob of the stored actions, entropy, the distribution's parameters) under ``policy``."""
+    params = policy(batch.features, batch.temb, batch.sigma)
+    return policy.log_prob(params, batch.action), policy.entropy(params), params
 
 
 def minibatch_indices(n: int, minibatches: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
@@ -85,13 +85,12 @@ class Learner:
         for epoch in range(alg.epochs):
             for idx in self._minibatches(len(batch), iteration, epoch):
                 mb = batch.rows(idx).to(self.device)
-                logp, ent, alpha, beta = policy_terms(self.policy, mb)
+                logp, ent, params = policy_terms(self.policy, mb)
                 kl = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        ra, rb = self.reference(mb.features, mb.temb, mb.sigma)
-                    kl = torch.distributions.kl_divergence(
-                        torch.distributions.Beta(alpha, beta), torch.distributions.Beta(ra, rb))
+                        ref = self.reference(mb.features, mb.temb, mb.sigma)
+                    kl = self.policy.kl(params, ref)
                 stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, alg.clip_eps, kl, alg.kl_coef, ent)
                 if epoch == 0 and count == 0:
                     first_clipfrac = float(stats.clipfrac)

@@ -95,7 +95,8 @@ def plot_pareto(path: Path, report: dict, shown: list[str]) -> None:
                 (f"SSIM vs {ref}", lambda row: row["ssim"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.3), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    points = [r for r in report["methods"] if parse_method(r["method"]).kind != "fixed"]
+    family = {r["method"] for r in report.get("tables_curve") or []}
+    points = [r for r in report["methods"] if parse_method(r["method"]).kind != "fixed" and r["method"] not in family]
     for ax, (label, get) in zip(axes[0], metrics):
         is_psnr = label.startswith("PSNR")
         curve = [r for r in report["pareto"] if not (is_psnr and r["is_reference"])]
@@ -106,6 +107,11 @@ def plot_pareto(path: Path, report: dict, shown: list[str]) -> None:
         for r, x, y in zip(curve, xs, ys):
             ax.annotate(str(r["nfe"]["min"]), (x, y), textcoords="offset points", xytext=(0, -12), fontsize=7,
                         ha="center", color="dimgray")
+        tcurve = report.get("tables_curve") or []
+        if tcurve:
+            ax.errorbar([r["nfe"]["mean"] for r in tcurve], [get(r)["mean"] for r in tcurve],
+                        yerr=[get(r)["se"] for r in tcurve], fmt="--^", color="tab:gray", ms=4, lw=1.1, capsize=2,
+                        label=f"hand-made tables ({report.get('tables')})")
         for c, r in enumerate(points):
             m = get(r)
             ax.errorbar([r["nfe"]["mean"]], [m["mean"]], yerr=[m["se"]], fmt="o", ms=8, capsize=3,

@@ -66,6 +66,9 @@ def comparison_lines(report: dict) -> list[str]:
     if not comp:
         return []
     out = ["", "## TPM vs fixed schedules at equal NFE", "",
+           "Families: fixed = the backbone's own fixed:N tables; tpm-mean = the TPM's mean schedule as one table; "
+           "tables = the hand-made table family given with --tables (one table per NFE, chosen beforehand on "
+           "training-split prompts).", "",
            "Each family is read at the TPM's mean NFE by linear interpolation between its two members around it, "
            "image by image; the difference is TPM minus family with its paired standard error (same prompts, same "
            "noise), and z = difference / SE.", "",

@@ -28,6 +28,7 @@ from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.schedules import mean_schedule
 from tpdm_rl.rollout.settings import locate_tpm
+from tpdm_rl.rollout.tables import load_family
 
 from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
 from .plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
@@ -130,10 +131,13 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
              backbone: str | None = None, limit: int | None = None,
              pareto_steps: list[int] | tuple[int, ...] = DEFAULT_PARETO_STEPS, batch_size: int = 16,
              device: str = "auto", grid_prompts: int = 4, schedule_prompts: int = 8, progress: bool = True,
-             timing_repeats: int = 1, inference: str | None = None) -> dict:
+             timing_repeats: int = 1, inference: str | None = None, tables: str | None = None) -> dict:
     """Run every method on the same prompts and noises, score, and write the report files.
 
     ``inference`` (mode, mean or sample) overrides the TPM file's ``policy.inference``.
+    ``tables``: a family of hand-made sigma tables (``rollout.tables.load_family``: ``builtin:toy``,
+    ``shift:S`` or a JSON file), one per NFE, run as ``sigmas:`` methods; the TPM is compared with the family at
+    equal NFE and pareto.png draws it as a second curve (``shift:S`` is restricted to ``pareto_steps``).
     ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all
     methods, and reports the fastest wall clock (the outputs are deterministic; this only damps noise
     from other processes sharing the machine).
@@ -145,6 +149,12 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     reward_names = [r.strip() for r in (rewards.split(",") if isinstance(rewards, str) else rewards) if r.strip()]
     if int(seeds) < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    family: dict[int, Method] = {}
+    if tables:
+        loaded = load_family(tables)
+        if str(tables).startswith("shift:"):
+            loaded = {n: t for n, t in loaded.items() if n in pareto}
+        family = {n: Method.sigmas(t) for n, t in loaded.items()}
     prompt_list = load_prompts(prompts)
     if limit:
         prompt_list = prompt_list[:int(limit)]
@@ -168,10 +178,11 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     runs: list[Method] = [REFERENCE] + ([tpm] if wants_mean or tpm in table else [])
     runs += [m for m in table if m not in runs and m.kind != "tpm-mean"]
     runs += [m for m in (Method("fixed", steps=n) for n in pareto) if m not in runs]
+    runs += [m for m in family.values() if m not in runs]
     # untimed: encode every prompt once (cached) and warm every code path up on one image
     bb.encode_prompts(sorted(set(all_prompts)) + [bb.negative_prompt])
     for m in {m.kind: m for m in runs}.values():
-        sampler.run(Method("fixed", steps=2) if m.kind == "fixed" else m, all_prompts[:1], all_seeds[:1])
+        sampler.run(Method("fixed", steps=2) if m.kind in ("fixed", "sigmas") else m, all_prompts[:1], all_seeds[:1])
     repeats = max(int(timing_repeats), 1)
     bar = tqdm(total=(len(runs) + 2 * len(wants_mean)) * n_img * repeats, desc="eval", unit="img",
                disable=not progress, dynamic_ncols=True)
@@ -227,6 +238,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         shown.append(REFERENCE.name)
     rows = [results[name].row(ref, n_img) for name in shown]
     curve = [results[f"fixed:{n}"].row(ref, n_img) for n in pareto]
+    tables_curve = [results[m.name].row(ref, n_img) | {"nfe_table": n} for n, m in family.items()]
     per_image = []
     for j, (i, k) in enumerate(items):
         rec = {"prompt_index": i, "k": k, "prompt": prompt_list[i], "seed": all_seeds[j],
@@ -248,9 +260,9 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         "metrics": list(results[REFERENCE.name].rewards), "tpm_settings": pipe.settings,
         "timing_repeats": repeats, "threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "methods": rows, "pareto": curve,
+        "methods": rows, "pareto": curve, "tables": str(tables) if tables else None, "tables_curve": tables_curve,
         "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in tables.items()},
-        "comparisons": compare_tpm(results), "complexity": complexity_report(results, all_prompts, shown),
+        "comparisons": compare_tpm(results, {n: m.name for n, m in family.items()}), "complexity": complexity_report(results, all_prompts, shown),
         "per_image": per_image,
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -264,17 +276,20 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     return report
 
 
-def compare_tpm(results: dict[str, MethodResult]) -> dict | None:
-    """Every score of the TPM against the fixed:N curve and the tpm-mean tables at the TPM's mean NFE."""
+def compare_tpm(results: dict[str, MethodResult], tables: dict[int, str] | None = None) -> dict | None:
+    """Every score of the TPM against the fixed:N curve, the tpm-mean tables and the hand-made table family
+    (``tables``: NFE -> method name) at the TPM's mean NFE."""
     if "tpm" not in results:
         return None
     tpm = results["tpm"]
     m = float(tpm.nfe.double().mean())
-    families = {"fixed": {}, "tpm-mean": {}}
+    families: dict[str, dict[int, MethodResult]] = {"fixed": {}, "tpm-mean": {}}
     for name, r in results.items():
         head, _, n = name.partition(":")
         if head in families and n.isdigit():
             families[head][int(n)] = r
+    if tables:
+        families["tables"] = {n: results[name] for n, name in tables.items()}
     out = {}
     for metric in tpm.rewards:
         out[metric] = {fam: at_equal_nfe(tpm.rewards[metric], m, {n: r.rewards[metric] for n, r in members.items()})
