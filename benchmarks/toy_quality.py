@@ -22,7 +22,7 @@ import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.baselines import BaselineSampler
-from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, TEXT_LEN, shipped_toy_dir
+from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, shipped_toy_dir, toy_text_len
 
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.toyworld import parse_prompt
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
     path = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
-    bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=TEXT_LEN)
+    bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
     prompts = load_prompts(args.prompts)
     levels = torch.tensor([parse_prompt(p).num_objects for p in prompts])
     sampler = BaselineSampler(bb, 64, 64, batch_size=32)

@@ -5,6 +5,8 @@ component's shape is read from its pixels, and the result is compared with the p
 The score is the fraction of the prompt's constraints that hold:
 
 - per group: its colour, its shape and its count (3 constraints each);
+- per placed group (``a red circle in the top left``): its place, true when an object of the group's colour
+  and shape has its bounding-box centre inside the named quadrant (a misplaced object loses only this one);
 - the background colour;
 - no extra objects.
 
@@ -35,7 +37,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tpdm_rl.toyworld import BACKGROUNDS, COLOURS, IMAGE_SIZE, MAX_OBJECTS, SHAPES, PromptError, parse_prompt
+from tpdm_rl.toyworld import (
+    BACKGROUNDS,
+    COLOURS,
+    IMAGE_SIZE,
+    MAX_OBJECTS,
+    PLACES,
+    SHAPES,
+    PromptError,
+    parse_prompt,
+)
 
 from .base import RewardModel
 from .registry import RewardError, register_reward
@@ -57,16 +68,23 @@ class SceneTargets:
     shape: torch.Tensor  # [B, G] int64
     valid: torch.Tensor  # [B, G] bool
     background: torch.Tensor  # [B] int64
+    place: torch.Tensor  # [B, G] int64 quadrant index in PLACES (-1: the group names no place)
+
+    @property
+    def placed(self) -> torch.Tensor:
+        return self.place >= 0
 
 
 @dataclass
 class ShapesAnalysis:
     """What the reward saw: detected objects per (colour, shape) and every constraint's outcome."""
     detected: torch.Tensor  # [B, colours, shapes] int64 counts
+    detected_at: torch.Tensor  # [B, colours, shapes, quadrants] int64 counts by bounding-box centre
     background: torch.Tensor  # [B] int64 detected background (-1: none)
     colour_ok: torch.Tensor  # [B, G] bool (False for padding)
     shape_ok: torch.Tensor  # [B, G] bool
     count_ok: torch.Tensor  # [B, G] bool
+    place_ok: torch.Tensor  # [B, G] bool (True for groups without a place)
     background_ok: torch.Tensor  # [B] bool
     no_extra: torch.Tensor  # [B] bool
     satisfied: torch.Tensor  # [B] int64 constraints that hold
@@ -88,6 +106,7 @@ def parse_targets(prompts: Sequence[str]) -> SceneTargets:
     colour = torch.zeros_like(count)
     shape = torch.zeros_like(count)
     bg = torch.zeros(b, dtype=torch.int64)
+    place = torch.full_like(count, -1)
     for i, text in enumerate(prompts):  # parsing text, not scoring: one regex per prompt
         try:
             p = parse_prompt(text)
@@ -95,8 +114,10 @@ def parse_targets(prompts: Sequence[str]) -> SceneTargets:
             raise RewardError(f"shapes: {exc}") from None
         for j, g in enumerate(p.groups):
             count[i, j], colour[i, j], shape[i, j] = g.count, _COLOUR_IDX[g.colour], _SHAPE_IDX[g.shape]
+            if g.place is not None:
+                place[i, j] = PLACES.index(g.place)
         bg[i] = _BG_IDX[p.background]
-    return SceneTargets(count, colour, shape, count > 0, bg)
+    return SceneTargets(count, colour, shape, count > 0, bg, place)
 
 
 def segment(images: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +133,15 @@ def segment(images: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, to
 
 
 def detect(colour: torch.Tensor, min_area: int) -> torch.Tensor:
-    """Counts of objects per (image, colour, shape) from a [B, H, W] colour-index map: [B, C, S] int64."""
+    """Counts of objects per (image, colour, shape, quadrant of the bounding-box centre) from a [B, H, W]
+    colour-index map: [B, C, S, 4] int64 (quadrants in :data:`PLACES` order; sum the last axis for counts)."""
     b, h, w = colour.shape
+    nq = len(PLACES)
     planes = (colour.unsqueeze(1) == torch.arange(_NC, device=colour.device).reshape(1, -1, 1, 1)).cpu().numpy()
     structure = np.zeros((3, 3, 3, 3), dtype=bool)
     structure[1, 1] = ndimage.generate_binary_structure(2, 1)  # 4-connected, within one image and colour
     labels, n = ndimage.label(planes, structure=structure)
-    detected = torch.zeros(b, _NC, _NS, dtype=torch.int64)
+    detected = torch.zeros(b, _NC, _NS, nq, dtype=torch.int64)
     if n == 0:
         return detected
     lab = torch.from_numpy(labels.reshape(-1).astype(np.int64))
@@ -142,8 +165,12 @@ def detect(colour: torch.Tensor, min_area: int) -> torch.Tensor:
     top_fraction = upper.double() / area.double()
     shape = torch.where(top_fraction < TRIANGLE_TOP_FRACTION, _SHAPE_IDX["triangle"],
                         torch.where(fill >= SQUARE_FILL, _SHAPE_IDX["square"], _SHAPE_IDX["circle"]))
+    # the centre of the box (in pixels: x0 .. x1 + 1) against the image's middle; a centre exactly on it is right/below
+    right = (x0 + x1 + 1) >= w
+    below = (y0 + y1 + 1) >= h
+    quadrant = 2 * below.long() + right.long()
     keep = area >= min_area
-    slot = (which * _NS + shape)[keep]  # image * C * S + colour * S + shape
+    slot = ((which * _NS + shape) * nq + quadrant)[keep]  # ((image * C + colour) * S + shape) * Q + quadrant
     detected.view(-1).index_add_(0, slot, torch.ones_like(slot))
     return detected
 
@@ -186,7 +213,8 @@ def analyse(images: torch.Tensor, prompts: Sequence[str], max_distance: float = 
     bg_counts = torch.nn.functional.one_hot((bg_map + 1).reshape(bg_map.shape[0], -1), len(BACKGROUNDS) + 1)
     bg_counts = bg_counts.sum(dim=1)[:, 1:]
     background = torch.where(bg_counts.sum(dim=1) > 0, bg_counts.argmax(dim=1), torch.full_like(t.background, -1))
-    detected = detect(colour, area)
+    detected_at = detect(colour, area)
+    detected = detected_at.sum(-1)
     exact, by_colour, by_shape, extra = match(detected, t)
     got = exact + by_colour + by_shape
     colour_ok = (exact + by_colour >= 1) & (by_shape == 0) & t.valid
@@ -194,10 +222,15 @@ def analyse(images: torch.Tensor, prompts: Sequence[str], max_distance: float = 
     count_ok = (got == t.count) & t.valid
     background_ok = background.cpu() == t.background
     no_extra = extra == 0
-    satisfied = (colour_ok.sum(1) + shape_ok.sum(1) + count_ok.sum(1) + background_ok.long() + no_extra.long())
-    total = 3 * t.valid.sum(1) + 2
-    return ShapesAnalysis(detected, background, colour_ok, shape_ok, count_ok, background_ok, no_extra,
-                          satisfied, total)
+    rows = torch.arange(detected.shape[0])[:, None]
+    at_place = detected_at[rows, t.colour, t.shape, t.place.clamp(min=0)] >= 1
+    place_ok = torch.where(t.placed, at_place, torch.ones_like(at_place)) & t.valid
+    placed_ok = (place_ok & t.placed).sum(1)
+    satisfied = (colour_ok.sum(1) + shape_ok.sum(1) + count_ok.sum(1) + placed_ok + background_ok.long()
+                 + no_extra.long())
+    total = 3 * t.valid.sum(1) + t.placed.sum(1) + 2
+    return ShapesAnalysis(detected, detected_at, background, colour_ok, shape_ok, count_ok, place_ok, background_ok,
+                          no_extra, satisfied, total)
 
 
 @register_reward("shapes")

@@ -53,13 +53,22 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, complexity, prompt_set, render, sample_scene
+from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, prompt_set, render, sample_scene
 
 from .tiny_backbone import byte_symbols
 
 TOY_MARKER = "tpdm_toy.json"
-TEXT_LEN = 24  # CLIP and T5 sequence length: the longest grammar prompt is 21 CLIP tokens
+#: CLIP and T5 sequence length of a newly trained backbone: the places grammar's longest prompt (four placed objects,
+#: 'a orange triangle in the bottom right, ... on a white background') is 37 CLIP tokens (35 words + BOS/EOS) and
+#: 36 T5 tokens. The shipped first-world backbone was trained with 24: read a folder's own value with
+#: :func:`toy_text_len` (it is ``backbone.max_sequence_length`` in a config).
+TEXT_LEN = 40
 BUILTIN_TOY = "builtin:toy"
+
+
+def toy_text_len(directory: str | os.PathLike) -> int:
+    """The sequence length a trained toy backbone folder was trained with (its ``tpdm_toy.json``)."""
+    return int(json.loads((Path(directory) / TOY_MARKER).read_text())["text_len"])
 
 
 def shipped_toy_dir() -> Path:
@@ -158,7 +167,8 @@ def build_toy_pipeline(seed: int = 0, shift: float = 3.0):
 
 # ---------------------------------------------------------------------------- data
 def scene_batch(seeds: list[int]) -> tuple[torch.Tensor, list[str]]:
-    """Rendered train-split scenes for the given seeds: images [B, 3, 64, 64] in [-1, 1] and prompts."""
+    """Rendered train-split scenes of the places world for the given seeds (all placed, mixed and none placed in
+    equal shares): images [B, 3, 64, 64] in [-1, 1] and prompts."""
     scenes = [sample_scene(int(s), split="train") for s in seeds]
     arr = np.stack([render(s) for s in scenes])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -263,7 +273,8 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], s: ToyTra
         texts = [prompts[i] if float(u) >= s.cfg_dropout else ""
                  for i, u in zip(idx.tolist(), torch.rand(len(idx), generator=gen))]
         embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=torch.device("cpu"),
-                                                  do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=pipe.tokenizer_3.model_max_length)
         timesteps, sigmas = training_timesteps(sched, len(idx), gen)
         noise = torch.randn(x0.shape, generator=gen)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
@@ -295,25 +306,32 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], s: ToyTra
 @torch.no_grad()
 def evaluate_quality(pipe, prompts: list[str], steps_list: tuple[int, ...] = (4, 28), guidance: float = 4.5,
                      seed: int = 0, batch: int = 50) -> dict:
-    """Shapes score and exact-match rate per object count at each step count (the pipeline's own sampler)."""
+    """Shapes score and exact-match rate per object count and per number of unplaced objects (the places world's
+    ambiguity class) at each step count (the pipeline's own sampler, at the length its T5 tokenizer was built
+    for, so a first-world backbone keeps its 24)."""
     out: dict = {}
-    levels = torch.tensor([complexity(p)[0] for p in prompts])
+    parsed = [parse_prompt(p) for p in prompts]
+    levels = torch.tensor([p.num_objects for p in parsed])
+    unplaced = torch.tensor([p.num_unplaced for p in parsed])
+
+    def by(classes: torch.Tensor, sc: torch.Tensor, ex: torch.Tensor) -> dict:
+        return {str(k): {"score": float(sc[classes == k].mean()), "exact": float(ex[classes == k].mean()),
+                         "prompts": int((classes == k).sum())} for k in sorted(set(classes.tolist()))}
+
     for steps in steps_list:
         scores, exact = [], []
         for lo in range(0, len(prompts), batch):
             chunk = prompts[lo:lo + batch]
             gens = [torch.Generator().manual_seed(seed + lo + i) for i in range(len(chunk))]
             img = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=IMAGE_SIZE, width=IMAGE_SIZE,
-                       generator=gens, output_type="pt", max_sequence_length=TEXT_LEN).images
+                       generator=gens, output_type="pt",
+                       max_sequence_length=pipe.tokenizer_3.model_max_length).images
             a = analyse(img, chunk)
             scores.append(a.score)
             exact.append(a.exact.float())
         sc, ex = torch.cat(scores), torch.cat(exact)
         out[str(steps)] = {"score": float(sc.mean()), "exact": float(ex.mean()),
-                           "by_objects": {str(k): {"score": float(sc[levels == k].mean()),
-                                                   "exact": float(ex[levels == k].mean()),
-                                                   "prompts": int((levels == k).sum())}
-                                          for k in sorted(set(levels.tolist()))}}
+                           "by_objects": by(levels, sc, ex), "by_unplaced": by(unplaced, sc, ex)}
     return out
 
 
@@ -336,7 +354,7 @@ def train_toy_backbone(directory: str | os.PathLike, settings: ToyTrainSettings 
     latents, prompts = encode_scenes(pipe, s, progress)
     train_transformer(pipe, latents, prompts, s, log, progress)
     train_s = time.perf_counter() - t0
-    heldout = prompt_set(s.seed + 1, s.eval_prompts, "heldout")
+    heldout = prompt_set(s.seed + 1, s.eval_prompts, "heldout", places=True)
     quality = evaluate_quality(pipe, heldout, seed=10_000)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
@@ -348,7 +366,8 @@ def train_toy_backbone(directory: str | os.PathLike, settings: ToyTrainSettings 
     (logs / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     plot_loss(records, logs / "loss.png")
     meta = {"kind": "toy", "settings": asdict(s), "train_seconds": round(train_s, 1),
-            "torch_threads": torch.get_num_threads(), "text_len": TEXT_LEN, "image_size": IMAGE_SIZE}
+            "torch_threads": torch.get_num_threads(), "text_len": TEXT_LEN, "image_size": IMAGE_SIZE,
+            "world": "places"}
     (tmp / TOY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

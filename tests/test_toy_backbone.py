@@ -16,13 +16,14 @@ from tpdm_rl.rollout.toy_backbone import (
     ToyTrainSettings,
     build_tokenizers,
     shipped_toy_dir,
+    toy_text_len,
     train_toy_backbone,
 )
 
 from tpdm_rl.cli import closing_evaluation
 from tpdm_rl.config import load_config
 from tpdm_rl.controller import Controller
-from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY
+from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, toy_prompt_file
 from tpdm_rl.utils import read_metrics
 
 MAX_SHIPPED_BYTES = 25 * 2**20
@@ -37,10 +38,10 @@ def test_shipped_toy_backbone_is_small_safetensors_and_loads_offline():
     pipe = StableDiffusion3Pipeline.from_pretrained(str(d), local_files_only=True)
     assert pipe.vae.config.latent_channels == 16
     meta = json.loads((d / "tpdm_toy.json").read_text())
-    assert meta["image_size"] == IMAGE_SIZE and meta["text_len"] == TEXT_LEN
+    assert meta["image_size"] == IMAGE_SIZE and meta["text_len"] == toy_text_len(d) <= TEXT_LEN
     pipe.set_progress_bar_config(disable=True)
     img = pipe(["a red circle on a white background"], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
-               generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=TEXT_LEN).images
+               generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=toy_text_len(d)).images
     assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
 
 
@@ -51,6 +52,18 @@ def test_tokenizers_carry_every_grammar_word_as_one_token():
         assert len(t5(w, add_special_tokens=False).input_ids) == 1, w
     longest = "two red circles, a blue square and a yellow triangle on a white background"
     assert len(clip(longest).input_ids) <= TEXT_LEN
+
+
+def test_the_longest_places_prompt_fits_text_len_in_both_tokenizers():
+    """Four placed objects is the longest form (7 words a group); every bundled places prompt fits too."""
+    clip, t5 = build_tokenizers()
+    longest = ("a orange triangle in the bottom right, a purple triangle in the bottom left, a yellow triangle in "
+               "the top right and a orange square in the top left on a white background")
+    parse_prompt(longest)
+    assert len(clip(longest).input_ids) == 37 and len(t5(longest).input_ids) == 36
+    prompts = [ln for name in ("toy-places-train", "toy-places-heldout") for ln in toy_prompt_file(name).splitlines()[1:]]
+    lengths = [(len(clip(p).input_ids), len(t5(p).input_ids)) for p in prompts]
+    assert max(max(c, t) for c, t in lengths) <= 37 <= TEXT_LEN
 
 
 def test_make_toy_backbone_copies_the_shipped_folder_and_refuses_a_used_one(tmp_path):
@@ -70,7 +83,7 @@ def test_toy_training_runs_end_to_end_at_a_tiny_size(tmp_path):
     """The --train path with a few steps of each stage: writes a loadable pipeline, the loss log and plot, and the
     quality report by object count (its numbers mean nothing at this size)."""
     s = ToyTrainSettings(seed=3, threads=1, vae_steps=2, vae_batch=4, scenes=16, steps=2, batch=4, warmup=1,
-                         eval_prompts=2)
+                         eval_prompts=3)  # one prompt of each kind (all placed, mixed, none placed)
     out = train_toy_backbone(tmp_path / "toy", s, progress=False)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
     assert pipe.transformer.config.in_channels == 16
@@ -79,6 +92,7 @@ def test_toy_training_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert stages == {"vae", "transformer"}
     quality = json.loads((out / "training" / "quality.json").read_text())
     assert set(quality) == {"4", "28"} and 0.0 <= quality["28"]["score"] <= 1.0
+    assert quality["28"]["by_objects"] and quality["28"]["by_unplaced"]  # both classes reported
     assert json.loads((out / "tpdm_toy.json").read_text())["settings"]["seed"] == 3
 
 

@@ -14,8 +14,11 @@ from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.toyworld import (
     BACKGROUNDS,
     COLOURS,
+    KINDS,
     LATTICE,
     MIN_GAP,
+    PLACED_SIZE,
+    PLACES,
     SIZE_RANGE,
     TOY_PROMPT_SETS,
     Group,
@@ -23,7 +26,10 @@ from tpdm_rl.toyworld import (
     Prompt,
     PromptError,
     Scene,
+    ambiguity,
     parse_prompt,
+    placed_box,
+    prompt_set,
     render,
     sample_scene,
     shape_mask,
@@ -39,8 +45,10 @@ def test_renderer_is_deterministic_and_follows_the_layout_rules():
     a, b = sample_scene(123, split="any"), sample_scene(123, split="any")
     assert np.array_equal(render(a), render(b)) and a.prompt == b.prompt
     assert not np.array_equal(render(a), render(sample_scene(124, split="any")))
-    for seed in range(300):
+    kinds = set()
+    for seed in range(600):
         sc = sample_scene(seed, split="any")
+        kinds.add(sc.prompt.kind)
         img = render(sc)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert tuple(img[0, 0]) == BACKGROUNDS[sc.prompt.background]  # objects keep a 1 px border free
@@ -49,17 +57,34 @@ def test_renderer_is_deterministic_and_follows_the_layout_rules():
             gap_x = max(p.x0 - (o.x0 + o.size), o.x0 - (p.x0 + p.size))
             gap_y = max(p.y0 - (o.y0 + o.size), o.y0 - (p.y0 + p.size))
             assert max(gap_x, gap_y) >= MIN_GAP
-        quadrants = [(o.y0 // 32, o.x0 // 32) for o in sc.objects]
-        assert quadrants == [(0, 0), (0, 1), (1, 0), (1, 1)][:len(sc.objects)]  # quadrants in reading order
-        named = [(g.colour, g.shape) for g in sc.prompt.groups for _ in range(g.count)]
-        assert [(o.colour, o.shape) for o in sc.objects] == named  # ... filled in the order the prompt names
+        named = [(g.colour, g.shape, g.place) for g in sc.prompt.groups for _ in range(g.count)]
+        assert [(o.colour, o.shape) for o in sc.objects] == [n[:2] for n in named]  # listed in the prompt's order
         lo, hi = SIZE_RANGE[len(sc.objects)]
-        for o in sc.objects:
-            assert o.size >= 8 and lo <= o.size <= hi
+        for o, (_, _, place) in zip(sc.objects, named):
             assert o.x0 % LATTICE == o.y0 % LATTICE == o.size % LATTICE == 0  # on the VAE's latent grid
-            assert (o.x0 + o.size) // 32 == o.x0 // 32 and (o.y0 + o.size) // 32 == o.y0 // 32  # inside it
+            assert 4 <= o.x0 and o.x0 + o.size <= 60 and 4 <= o.y0 and o.y0 + o.size <= 60
+            if place is None:
+                assert o.size >= 8 and lo <= o.size <= hi
+            else:  # fixed by the prompt: PLACED_SIZE centred in the named quadrant
+                q = PLACES.index(place)
+                assert (o.x0, o.y0, o.size) == placed_box(place) and o.size == PLACED_SIZE
+                assert (o.x0 // 32, o.y0 // 32) == (q % 2, q // 2)
+                assert (o.x0 + o.size - 1) // 32 == o.x0 // 32 and (o.y0 + o.size - 1) // 32 == o.y0 // 32
             colours = {tuple(c) for c in img[o.y0:o.y0 + o.size, o.x0:o.x0 + o.size][shape_mask(o.shape, o.size)]}
             assert colours == {COLOURS[o.colour]}  # flat fill, exact palette colour
+    assert kinds == set(KINDS)
+
+
+def test_unplaced_objects_go_anywhere_and_placed_ones_stay_put():
+    """The ambiguity: across seeds an unplaced object visits every quadrant, a placed one never moves."""
+    free, fixed = set(), set()
+    for seed in range(200):
+        sc = sample_scene(seed, split="any", kind="mixed")
+        named = [g.place for g in sc.prompt.groups for _ in range(g.count)]
+        for o, place in zip(sc.objects, named):
+            centre = ((2 * o.x0 + o.size) // 64, (2 * o.y0 + o.size) // 64)
+            (free if place is None else fixed).add((place, centre) if place else centre)
+    assert len(free) == 4 and all(c == (PLACES.index(p) % 2, PLACES.index(p) // 2) for p, c in fixed)
 
 
 def test_shape_masks_fill_their_box_as_expected():
@@ -79,6 +104,72 @@ def test_parser_round_trips_the_grammar():
     assert (p.num_objects, p.num_groups, p.background) == (4, 3, "white")
 
 
+@pytest.mark.parametrize("text, groups", [
+    ("a red circle on a black background", [(1, "red", "circle", None)]),
+    ("a red circle in the top left on a black background", [(1, "red", "circle", "top left")]),
+    ("four blue squares on a gray background", [(4, "blue", "square", None)]),
+    ("a red circle in the top right and a blue square on a white background",
+     [(1, "red", "circle", "top right"), (1, "blue", "square", None)]),
+    ("a red circle and a blue square in the bottom left on a white background",
+     [(1, "red", "circle", None), (1, "blue", "square", "bottom left")]),
+    ("two green triangles and a blue square in the bottom right on a white background",
+     [(2, "green", "triangle", None), (1, "blue", "square", "bottom right")]),
+    ("a purple circle in the top left, a orange square in the bottom right and a yellow triangle in the top right "
+     "on a black background", [(1, "purple", "circle", "top left"), (1, "orange", "square", "bottom right"),
+                               (1, "yellow", "triangle", "top right")]),
+    ("a red circle, two red squares and a blue circle in the bottom left on a gray background",
+     [(1, "red", "circle", None), (2, "red", "square", None), (1, "blue", "circle", "bottom left")]),
+    ("a red circle in the top left, a red square in the top right, a red triangle in the bottom left and "
+     "a blue circle in the bottom right on a white background",
+     [(1, "red", "circle", "top left"), (1, "red", "square", "top right"), (1, "red", "triangle", "bottom left"),
+      (1, "blue", "circle", "bottom right")]),
+    ("a red circle, a red square in the top right, a red triangle and a blue circle on a white background",
+     [(1, "red", "circle", None), (1, "red", "square", "top right"), (1, "red", "triangle", None),
+      (1, "blue", "circle", None)]),
+    ("three yellow triangles and a green circle in the top left on a black background",
+     [(3, "yellow", "triangle", None), (1, "green", "circle", "top left")]),
+    ("two red circles and two blue squares on a white background", [(2, "red", "circle", None),
+                                                                    (2, "blue", "square", None)]),
+])
+def test_every_form_of_the_grammar_parses(text, groups):
+    p = parse_prompt(text)
+    assert [(g.count, g.colour, g.shape, g.place) for g in p.groups] == groups and p.text == text
+    assert p.num_unplaced == sum(c for c, *_, place in groups if place is None) == ambiguity(text)
+
+
+def test_sampled_prompts_of_every_kind_round_trip():
+    for kind in KINDS:
+        for n in ((2, 3, 4) if kind == "mixed" else (1, 2, 3, 4)):
+            for seed in range(40):
+                p = parse_prompt(prompt_set(seed, 1, "any", places=True)[0])
+                assert parse_prompt(p.text) == p
+                sc = sample_scene(seed, n, split="any", kind=kind)
+                assert sc.prompt.kind == kind and sc.prompt.num_objects == n
+                assert parse_prompt(sc.prompt.text) == sc.prompt
+
+
+def test_combinations_include_places_and_ignore_order():
+    a = parse_prompt("a red circle in the top left and a blue square on a white background")
+    b = parse_prompt("a blue square and a red circle in the top left on a white background")
+    c = parse_prompt("a blue square and a red circle on a white background")
+    assert a.combination == b.combination != c.combination
+    assert c.combination == "white|1-blue-square;1-red-circle"  # unplaced: the first world's key (same split)
+
+
+@pytest.mark.parametrize("bad, word", [
+    ("a purpel circle on a white background", "'purpel' at word 2"),
+    ("a red circle in the middle on a white background", "'middle' at word 6"),
+    ("a red circle in top left on a white background", "'top' at word 5"),
+    ("two red circles in the top left on a white background", "'in' at word 4"),
+    ("a red circle in the top left and a blue square in the top left on a white background", "top left"),
+    ("a red circle on a white background in the top left", "'in' at word 8"),
+])
+def test_malformed_place_prompts_name_the_word(bad, word):
+    with pytest.raises(PromptError, match="not in the toy grammar") as e:
+        parse_prompt(bad)
+    assert word in str(e.value) and repr(bad) in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("bad", [
     "a red circle", "a red circle on a pink background", "one red circle on a white background",
     "two red circle on a white background", "a red circles on a white background",
@@ -94,23 +185,33 @@ def test_prompts_outside_the_grammar_are_refused_with_the_prompt_named(bad):
 
 def test_bundled_prompt_sets_are_current_and_disjoint_as_combinations():
     combos = {}
-    for name, (_, _, split, fname) in TOY_PROMPT_SETS.items():
+    for name, (_, _, split, fname, places) in TOY_PROMPT_SETS.items():
         text = resources.files("tpdm_rl.data").joinpath(fname).read_text()
         assert text == toy_prompt_file(name), f"{fname} is stale: regenerate with toyworld.toy_prompt_file"
         prompts = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
         parsed = [parse_prompt(p) for p in prompts]
         assert all(p.heldout == (split == "heldout") for p in parsed)
-        combos[split] = {p.combination for p in parsed}
-    assert combos["train"] and combos["heldout"] and not combos["train"] & combos["heldout"]
+        assert places or all(p.num_placed == 0 for p in parsed)  # the shipped backbone's sets: no places
+        combos[(split, places)] = {p.combination for p in parsed}
+    for places in (False, True):
+        assert combos[("train", places)] and not combos[("train", places)] & combos[("heldout", places)]
     held = [parse_prompt(p) for p in toy_prompt_file("toy-heldout").splitlines()[1:]]
     assert [sum(p.num_objects == k for p in held) for k in (1, 2, 3, 4)] == [50, 50, 50, 50]
+    for name in ("toy-places-train", "toy-places-heldout"):  # kinds balanced, mixed prompts have 2+ groups
+        parsed = [parse_prompt(p) for p in toy_prompt_file(name).splitlines()[1:]]
+        counts = [sum(p.kind == k for p in parsed) for k in KINDS]
+        assert max(counts) - min(counts) <= 0.05 * len(parsed)
+        assert all(p.num_groups >= 2 for p in parsed if p.kind == "mixed")
+        assert {p.num_unplaced for p in parsed} == {0, 1, 2, 3, 4}
+        assert {p.num_objects for p in parsed if p.kind != "mixed"} == {1, 2, 3, 4}
 
 
 # ---------------------------------------------------------------------------------------------- the reward
 def test_every_rendered_scene_scores_one():
-    scenes = [sample_scene(s, split="any") for s in range(400)]
+    scenes = [sample_scene(s, split="any") for s in range(2000)]  # all three kinds: places are checked too
+    assert sum(s.prompt.num_placed for s in scenes) > 1000
     a = analyse(_images(scenes), [s.prompt.text for s in scenes])
-    assert a.exact.all() and torch.equal(a.score, torch.ones(400))
+    assert a.exact.all() and torch.equal(a.score, torch.ones(2000))
 
 
 def _scene(objects, bg="white") -> Scene:
@@ -172,6 +273,25 @@ def test_a_wrong_object_loses_exactly_its_constraint(edit, lost):
     assert bool(a.exact[0]) == (not lost)
 
 
+@pytest.mark.parametrize("drawn_at", ["top left", "top right", "bottom right", "bottom left"])
+def test_a_misplaced_object_loses_exactly_its_place(drawn_at):
+    text = ("a red circle in the top left, two blue squares and a yellow triangle in the bottom right "
+            "on a white background")
+    prompt = parse_prompt(text)
+    triangle_at = "top right" if drawn_at == "bottom right" else "bottom right"
+    free = [q for q in PLACES if q not in (drawn_at, triangle_at)]
+    objs = [("red", "circle", *placed_box(drawn_at)), ("blue", "square", *placed_box(free[0])),
+            ("blue", "square", *placed_box(free[1])), ("yellow", "triangle", *placed_box(triangle_at))]
+    a = analyse(_images([Scene(prompt, [PlacedObject(*o) for o in objs])]), [text])
+    assert int(a.total[0]) == 3 * 3 + 2 + 2  # two placed groups add one constraint each
+    lost = {prompt.groups[j].colour for j in range(3) if not a.place_ok[0, j]}
+    expected = {"red"} - ({"red"} if drawn_at == "top left" else set())
+    expected |= {"yellow"} if drawn_at == "bottom right" else set()
+    assert lost == expected
+    assert a.colour_ok[0, :3].all() and a.shape_ok[0, :3].all() and a.count_ok[0, :3].all() and a.no_extra[0]
+    assert a.score[0].item() == pytest.approx((13 - len(expected)) / 13)
+
+
 def test_scoring_is_batched_and_matches_one_at_a_time():
     scenes = [sample_scene(s, split="any") for s in range(12)]
     imgs = _images(scenes)
@@ -190,3 +310,34 @@ def test_shapes_reward_is_registered_and_refuses_prompts_outside_the_grammar():
     assert torch.equal(scores, torch.ones(3)) and torch.equal(extra["exact"], torch.ones(3))
     with pytest.raises(RewardError, match="a photo of a cat"):
         r.score(_images(scenes[:1]), ["a photo of a cat"])
+
+
+# ---------------------------------------------------------------------------------------------- eval's classes
+def test_complexity_report_groups_by_unplaced_objects_and_by_objects(tmp_path):
+    from tpdm_rl.evaluation.plots import plot_complexity
+    from tpdm_rl.evaluation.report import complexity_lines
+    from tpdm_rl.evaluation.run import MethodResult, complexity_report
+
+    prompts = ["a red circle in the top left on a white background",  # 1 object, 0 unplaced
+               "a red circle on a white background",  # 1, 1
+               "a red circle in the top left and two blue squares on a black background",  # 3, 2
+               "two red circles and two blue squares on a gray background"]  # 4, 4
+    nfe = torch.tensor([2.0, 4.0, 6.0, 8.0])  # a TPM whose steps follow ambiguity exactly
+
+    def result(name: str, n: torch.Tensor) -> MethodResult:
+        z = torch.zeros(4)
+        return MethodResult(name, n, n, 0.0, 0.0, z, z, {"shapes": torch.tensor([1.0, 0.5, 0.5, 0.25])}, [], [],
+                            torch.zeros(0))
+
+    results = {"tpm": result("tpm", nfe), "fixed:4": result("fixed:4", torch.full((4,), 4.0))}
+    cx = complexity_report(results, prompts, list(results))
+    assert set(cx["nfe_by_unplaced"]["tpm"]) == {"0", "1", "2", "4"}
+    assert cx["nfe_by_unplaced"]["tpm"]["2"]["mean"] == 6.0 and cx["nfe_by_unplaced"]["tpm"]["0"]["n"] == 1
+    assert set(cx["nfe_by_objects"]["tpm"]) == {"1", "3", "4"} and cx["nfe_by_objects"]["tpm"]["1"]["mean"] == 3.0
+    assert cx["scores_by_unplaced"]["tpm"]["shapes"]["4"]["mean"] == 0.25
+    assert cx["spearman_tpm_nfe"]["unplaced"]["rho"] == pytest.approx(1.0)
+    report = {"complexity": cx, "metrics": ["shapes"]}
+    text = "\n".join(complexity_lines(report))
+    assert "NFE by number of unplaced" in text and "shapes by number of unplaced" in text and "object(s)" in text
+    plot_complexity(tmp_path / "steps_vs_complexity.png", report)
+    assert (tmp_path / "steps_vs_complexity.png").stat().st_size > 0

@@ -23,7 +23,9 @@ __all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "load_prompts"]
 
 #: Names accepted after ``builtin:`` and the bundled file each one maps to (in ``tpdm_rl.data``).
 BUILTIN_SETS: dict[str, str] = {"train": "prompts_train.txt", "eval": "prompts_eval.txt",
-                                "toy-train": "toy_train.txt", "toy-heldout": "toy_heldout.txt"}
+                                "toy-train": "toy_train.txt", "toy-heldout": "toy_heldout.txt",
+                                "toy-places-train": "toy_places_train.txt",
+                                "toy-places-heldout": "toy_places_heldout.txt"}
 
 _BUILTIN_PREFIX = "builtin:"
 _SUFFIXES = (".txt", ".jsonl")

@@ -1,31 +1,32 @@
 """The toy world: a grammar of prompts, a seeded scene sampler and an exact renderer.
 
 A scene is 1 to 4 flat-filled shapes (circle, axis-aligned square, upright triangle) in a palette
-colour on a plain background, each in its own quadrant of the image, the quadrants filled in reading order
-in the order the prompt names the objects. Sizes and offsets lie on a
-4-pixel lattice (the VAE's latent grid), so an object's edges fall on latent-pixel boundaries: this is
-what lets a denoiser trained for under an hour on 2 CPU cores draw crisp shapes (the first world, with
-free offsets in a 3 x 3 grid, left the same recipe drawing blobs). Objects keep at least 8 px apart
-and 4 px from the border. Its prompt follows one grammar exactly::
+colour on a plain background. Sizes and positions lie on a 4-pixel lattice (the VAE's latent grid), so an
+object's edges fall on latent-pixel boundaries: this is what lets a denoiser trained for under an hour on
+2 CPU cores draw crisp shapes. Objects keep at least 8 px apart and 4 px from the border. Its prompt
+follows one grammar exactly::
 
     prompt := group ((", " group)* " and " group)? " on a " bg " background"
-    group  := count " " colour " " shape          (count: a | two | three | four; plural shape if > 1)
+    group  := count " " colour " " shape [" in the " (top|bottom) " " (left|right)]
+              (count: a | two | three | four; plural shape if > 1; a place only on a group of one)
 
-for example ``two red circles, a blue square and a yellow triangle on a white background``.
+for example ``two red circles, a blue square in the top left and a yellow triangle on a white background``;
+at most 4 objects, no two groups share colour and shape, no two placed objects share a quadrant.
 
-Everything a model must get right is in the prompt (counts, colours, shapes, background); what the
-prompt leaves open (offsets within a quadrant, sizes) is drawn from the seed. Scenes with more objects use smaller
-objects, so complexity (the number of objects and of groups) is known and makes prompts harder.
+Ambiguity varies by prompt (the places world): a placed object is fixed by the prompt (16 px, centred in its
+quadrant), an unplaced one goes anywhere it fits with a free size drawn from the seed. The number of unplaced
+objects (0-4) is the class that should decide how many denoising steps a prompt needs. The first world's
+prompts (no places) are the "none placed" kind and still parse the same; the shipped backbone and the bundled
+``toy-train`` / ``toy-heldout`` sets are that world's; ``toy-places-*`` balance all placed, mixed and none placed.
 
 Train and held-out prompts are disjoint as *combinations* (the background plus the multiset of
-groups, whatever their order in the sentence): a held-out prompt names a combination that neither
-the toy backbone nor the TPM saw in training.
+groups with their places, whatever their order in the sentence): a held-out prompt names a combination that
+neither the toy backbone nor the TPM saw in training.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,11 +48,17 @@ MIN_GAP = 2 * CELL_MARGIN  # pixels between the bounding boxes of two objects (a
 #: bounding-box side range in pixels (at 64 px, multiples of LATTICE) by number of objects: more objects,
 #: smaller objects
 SIZE_RANGE: dict[int, tuple[int, int]] = {1: (16, 24), 2: (12, 24), 3: (12, 20), 4: (8, 16)}
+#: the places a group of one may name, in reading order (index = the cell of :func:`cells`)
+PLACES: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+#: a placed object's side (at 64 px): fixed, centred in its quadrant, on the lattice (quadrant 32 px: box at 8..24)
+PLACED_SIZE = 16
+#: prompt kinds by how many objects carry a place
+KINDS: tuple[str, ...] = ("all placed", "mixed", "none placed")
 HELDOUT_PERCENT = 15  # share of combinations held out of every training set
 #: every word the grammar can produce (the toy text encoders' vocabulary)
 VOCABULARY: tuple[str, ...] = tuple(
     list(COUNTS) + list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES]
-    + list(BACKGROUNDS) + ["and", "on", "background", ","])
+    + list(BACKGROUNDS) + ["and", "on", "background", ","] + ["in", "the", "top", "bottom", "left", "right"])
 
 
 class PromptError(ValueError):
@@ -60,15 +67,21 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Group:
-    """``count`` objects of one colour and shape."""
+    """``count`` objects of one colour and shape; a group of one may name its quadrant (``place``)."""
 
     count: int
     colour: str
     shape: str
+    place: str | None = None  # one of PLACES, or None (the object may go anywhere)
 
     def words(self) -> str:
         noun = self.shape if self.count == 1 else self.shape + "s"
-        return f"{COUNT_WORDS[self.count]} {self.colour} {noun}"
+        where = f" in the {self.place}" if self.place else ""
+        return f"{COUNT_WORDS[self.count]} {self.colour} {noun}{where}"
+
+    def key(self) -> str:
+        """Order-free identity; unplaced groups keep the first world's key, so old combinations keep their split."""
+        return f"{self.count}-{self.colour}-{self.shape}" + (f"@{self.place}" if self.place else "")
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,23 @@ class Prompt:
         return len(self.groups)
 
     @property
+    def num_unplaced(self) -> int:
+        """Objects whose place the prompt leaves open: the ambiguity class (0-4)."""
+        return sum(g.count for g in self.groups if g.place is None)
+
+    @property
+    def num_placed(self) -> int:
+        return self.num_objects - self.num_unplaced
+
+    @property
+    def kind(self) -> str:
+        """``all placed``, ``mixed`` or ``none placed``."""
+        return KINDS[0] if self.num_unplaced == 0 else KINDS[2] if self.num_placed == 0 else KINDS[1]
+
+    @property
     def combination(self) -> str:
-        """The order-free identity of the prompt (what train and held-out sets never share)."""
-        groups = ";".join(f"{g.count}-{g.colour}-{g.shape}" for g in sorted(self.groups))
+        """The order-free identity of the prompt, places included (what train and held-out sets never share)."""
+        groups = ";".join(sorted(g.key() for g in self.groups))
         return f"{self.background}|{groups}"
 
     @property
@@ -125,41 +152,107 @@ def is_heldout(combination: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- parsing
-_GROUP = re.compile(r"^(a|two|three|four) (red|green|blue|yellow|purple|orange) (circle|square|triangle)(s?)$")
-_TAIL = re.compile(r"^(.+) on a (black|white|gray) background$")
+_PLURALS = {sh + "s": sh for sh in SHAPES}
+
+
+def _words(text: str) -> list[str]:
+    """Space-separated words, a trailing comma split off as its own word (so errors can name either)."""
+    out: list[str] = []
+    for w in text.split(" "):
+        if w.endswith(",") and len(w) > 1:
+            out += [w[:-1], ","]
+        else:
+            out.append(w)
+    return out
 
 
 def parse_prompt(text: str) -> Prompt:
-    """Parse a prompt of the toy grammar; anything else raises :class:`PromptError` naming it."""
-    def bad(why: str) -> PromptError:
-        return PromptError(f"prompt {text!r} is not in the toy grammar ({why}); expected e.g. "
-                           "'two red circles, a blue square and a yellow triangle on a white background'")
+    """Parse a prompt of the toy grammar, word by word, so a malformed prompt gets a one-line
+    :class:`PromptError` that names the offending word and what the grammar expected there."""
+    if not isinstance(text, str):
+        raise PromptError(f"prompt {text!r} is not in the toy grammar: it is not a string")
+    words = _words(text)
+    pos = 0
+    number = [0] * (len(words) + 1)  # 1-based word number of each token (a comma shares its word's number)
+    k = 0
+    for i, w in enumerate(words):
+        k += w != ","
+        number[i] = k if w != "," else max(k, 1)
+    number[len(words)] = k
 
-    m = _TAIL.match(text) if isinstance(text, str) else None
-    if m is None:
-        raise bad("it must end with ' on a black|white|gray background'")
-    head, bg = m.group(1), m.group(2)
-    if " and " in head:
-        left, last = head.rsplit(" and ", 1)
-        items = left.split(", ") + [last]
-    else:
-        items = [head]
-    groups = []
-    for item in items:
-        g = _GROUP.match(item)
-        if g is None:
-            raise bad(f"group {item!r} is not 'COUNT COLOUR SHAPE'")
-        count, plural = COUNTS[g.group(1)], g.group(4) == "s"
-        if plural != (count > 1):
-            raise bad(f"group {item!r}: the shape is plural exactly when the count is above one")
-        groups.append(Group(count, g.group(2), g.group(3)))
-    if len({(g.colour, g.shape) for g in groups}) != len(groups):
-        raise bad("two groups share a colour and shape")
+    def bad(why: str) -> PromptError:
+        return PromptError(f"prompt {text!r} is not in the toy grammar: {why}")
+
+    def expect(options, what: str) -> str:
+        nonlocal pos
+        if pos >= len(words):
+            raise bad(f"it ends after word {number[-1]}; expected {what}")
+        w = words[pos]
+        if w not in options:
+            shown = "empty word (two spaces in a row, or a trailing space)" if w == "" else f"word {w!r}"
+            raise bad(f"unexpected {shown} at word {number[pos]}; expected {what}")
+        pos += 1
+        return w
+
+    def peek() -> str | None:
+        return words[pos] if pos < len(words) else None
+
+    def group() -> Group:
+        count = COUNTS[expect(COUNTS, "a count (a, two, three, four)")]
+        colour = expect(COLOURS, "a colour (" + ", ".join(COLOURS) + ")")
+        if count == 1:
+            shape = expect(SHAPES, "a shape (" + ", ".join(SHAPES) + ")")
+        else:
+            shape = _PLURALS[expect(_PLURALS, "a plural shape (" + ", ".join(_PLURALS) + ")")]
+        place = None
+        if count == 1 and peek() == "in":
+            expect(("in",), "'in'")
+            expect(("the",), "'the'")
+            row = expect(("top", "bottom"), "'top' or 'bottom'")
+            col = expect(("left", "right"), "'left' or 'right'")
+            place = f"{row} {col}"
+        return Group(count, colour, shape, place)
+
+    after = "',', 'and' or 'on'"
+    after_single = "',', 'and', 'on' or a place ('in the top left', ...)"
+    groups = [group()]
+    listed = False  # inside "A, B, ... and Z": the list must close with 'and'
+    while True:
+        can_place = groups[-1].count == 1 and groups[-1].place is None
+        if listed:
+            sep = expect((",", "and"), "',' or 'and' (a list of groups ends with 'and')")
+        else:
+            plural_in = peek() == "in" and groups[-1].count > 1
+            sep = expect((",", "and", "on"), after_single if can_place else after
+                         + (" (only a group of one may carry a place)" if plural_in else ""))
+        if sep == "on":
+            break
+        if sep == ",":
+            listed = True
+            groups.append(group())
+            continue
+        groups.append(group())  # after 'and': the last group
+        expect(("on",), "'on' (after the last group: ' on a <black|white|gray> background')")
+        break
+    expect(("a",), "'a' (' on a <black|white|gray> background')")
+    bg = expect(BACKGROUNDS, "a background (" + ", ".join(BACKGROUNDS) + ")")
+    expect(("background",), "'background'")
+    if pos < len(words):
+        raise bad(f"unexpected word {words[pos]!r} at word {number[pos]}; expected the end after 'background'")
+    pairs = [(g.colour, g.shape) for g in groups]
+    for i, pair in enumerate(pairs):
+        if pair in pairs[:i]:
+            raise bad(f"two groups share the colour and shape '{pair[0]} {pair[1]}'")
+    places = [g.place for g in groups if g.place]
+    for i, place in enumerate(places):
+        if place in places[:i]:
+            raise bad(f"two objects are placed in the {place}")
     if sum(g.count for g in groups) > MAX_OBJECTS:
-        raise bad(f"more than {MAX_OBJECTS} objects")
+        raise bad(f"it names {sum(g.count for g in groups)} objects; at most {MAX_OBJECTS}")
     prompt = Prompt(tuple(groups), bg)
     if prompt.text != text:
-        raise bad("spacing or punctuation differs from the grammar")
+        raise bad("spacing or punctuation differs from the grammar (e.g. 'a red circle, a blue square and "
+                  "a yellow triangle on a white background')")
     return prompt
 
 
@@ -172,7 +265,9 @@ _PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
 def sample_prompt(rng: np.random.Generator, num_objects: int | None = None, split: str = "train") -> Prompt:
-    """A random prompt of the given split (``train``, ``heldout`` or ``any``)."""
+    """A random prompt of the first world (no places) of the given split (``train``, ``heldout`` or ``any``).
+
+    Kept draw for draw: it generates the bundled ``toy-train`` / ``toy-heldout`` sets the shipped backbone uses."""
     if split not in ("train", "heldout", "any"):
         raise ValueError(f"split must be 'train', 'heldout' or 'any', got {split!r}")
     for _ in range(10_000):
@@ -194,27 +289,102 @@ def cells(size: int = IMAGE_SIZE) -> list[tuple[int, int, int, int]]:
             for r in range(GRID) for c in range(GRID)]
 
 
-def layout(prompt: Prompt, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
-    """Place the prompt's objects in the cells in reading order (the k-th object named goes to the k-th
-    cell, row by row), sizes from :data:`SIZE_RANGE`, at a random offset on the :data:`LATTICE` that keeps
-    ``CELL_MARGIN`` pixels free on every side of the cell (all at 64 px, then scaled to ``size``).
+def _kinds_for(num_objects: int | None) -> tuple[str, ...]:
+    return KINDS if num_objects is None or num_objects >= 2 else (KINDS[0], KINDS[2])
 
-    Reading order makes *where* each named object goes a function of the sentence, as in a caption that
-    lists objects left to right: a small denoiser then learns which colour and shape belong together
-    (binding) instead of inventing a layout at high noise and drawing a blend of several."""
+
+def _levels_for(kind: str) -> tuple[int, ...]:
+    return (2, 3, 4) if kind == KINDS[1] else (1, 2, 3, 4)
+
+
+def sample_places_prompt(rng: np.random.Generator, num_objects: int | None = None, split: str = "train",
+                         kind: str | None = None) -> Prompt:
+    """A random prompt of the places world: ``kind`` (``all placed``, ``mixed``, ``none placed``; drawn evenly
+    when None) and then the object count (drawn evenly over the counts the kind allows when None).
+
+    ``all placed``: every group is one object with its own quadrant. ``mixed`` (2+ groups): at least one object
+    placed and one not. ``none placed``: the first world's prompts."""
+    if split not in ("train", "heldout", "any"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'any', got {split!r}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == KINDS[1] and num_objects == 1:
+        raise ValueError("a mixed prompt needs at least 2 objects")
+    for _ in range(10_000):
+        k = kind or _kinds_for(num_objects)[int(rng.integers(len(_kinds_for(num_objects))))]
+        levels = _levels_for(k)
+        n = int(num_objects or levels[int(rng.integers(len(levels)))])
+        if k == KINDS[0]:
+            parts: tuple[int, ...] = (1,) * n
+        else:
+            options = [q for q in _PARTITIONS[n] if k == KINDS[2] or (len(q) >= 2 and 1 in q)]
+            parts = options[int(rng.integers(len(options)))]
+        pairs = rng.choice(len(_PAIRS), size=len(parts), replace=False)
+        singles = [i for i, c in enumerate(parts) if c == 1]
+        if k == KINDS[0]:
+            placed = singles
+        elif k == KINDS[1]:  # a non-empty set of singles, leaving at least one object unplaced
+            most = len(singles) - (1 if len(singles) == len(parts) else 0)
+            m = int(rng.integers(1, most + 1))
+            placed = sorted(int(i) for i in rng.choice(singles, size=m, replace=False))
+        else:
+            placed = []
+        quads = rng.permutation(len(PLACES))
+        where = {i: PLACES[int(quads[j])] for j, i in enumerate(placed)}
+        groups = tuple(Group(int(c), *_PAIRS[int(p)], where.get(i)) for i, (c, p) in enumerate(zip(parts, pairs)))
+        order = rng.permutation(len(groups))
+        prompt = Prompt(tuple(groups[int(i)] for i in order), list(BACKGROUNDS)[int(rng.integers(3))])
+        if split == "any" or prompt.heldout == (split == "heldout"):
+            return prompt
+    raise RuntimeError("could not draw a prompt of the requested split")  # unreachable in practice
+
+
+def placed_box(place: str, size: int = IMAGE_SIZE) -> tuple[int, int, int]:
+    """(x0, y0, side) of a placed object: :data:`PLACED_SIZE` centred in its quadrant (at 64 px, then scaled)."""
+    cx, cy, cw, ch = cells(IMAGE_SIZE)[PLACES.index(place)]
+    x0, y0 = cx + (cw - PLACED_SIZE) // 2, cy + (ch - PLACED_SIZE) // 2
+    scale = size / IMAGE_SIZE
+    return round(x0 * scale), round(y0 * scale), round(PLACED_SIZE * scale)
+
+
+def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Bounding boxes (x0, y0, side) at least MIN_GAP apart along some axis."""
+    gx = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]))
+    gy = max(b[1] - (a[1] + a[2]), a[1] - (b[1] + b[2]))
+    return max(gx, gy) >= MIN_GAP
+
+
+def layout(prompt: Prompt, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """Place the prompt's objects (listed in the order the prompt names them).
+
+    A placed object is fixed by the prompt: :data:`PLACED_SIZE` px centred in its quadrant. An unplaced object
+    is free: a side from :data:`SIZE_RANGE` (by object count) and a position anywhere in the image with
+    ``CELL_MARGIN`` px to the border, both on the :data:`LATTICE`, rejection-sampled so every two bounding
+    boxes stay :data:`MIN_GAP` apart. That freedom is the world's ambiguity: the more unplaced objects, the
+    more layouts fit the prompt. Everything at 64 px, then scaled to ``size``; a pure function of ``rng``."""
     scale = size / IMAGE_SIZE
     lo, hi = SIZE_RANGE[prompt.num_objects]
-    items = [(g.colour, g.shape) for g in prompt.groups for _ in range(g.count)]
-    grid = cells(IMAGE_SIZE)
-    placed: list[PlacedObject] = []
-    for (colour, shape), cell in zip(items, grid):
-        cx, cy, cw, ch = cell
-        s = LATTICE * int(rng.integers(lo // LATTICE, hi // LATTICE + 1))
-        slots_x = (cw - 2 * CELL_MARGIN - s) // LATTICE + 1
-        slots_y = (ch - 2 * CELL_MARGIN - s) // LATTICE + 1
-        x0 = cx + CELL_MARGIN + LATTICE * int(rng.integers(0, slots_x))
-        y0 = cy + CELL_MARGIN + LATTICE * int(rng.integers(0, slots_y))
-        placed.append(PlacedObject(colour, shape, round(x0 * scale), round(y0 * scale), round(s * scale)))
+    items = [(g.colour, g.shape, g.place) for g in prompt.groups for _ in range(g.count)]
+    fixed = {i: placed_box(p) for i, (_, _, p) in enumerate(items) if p}
+    for _ in range(1000):  # whole-scene restarts: a bad early draw can leave no room for a later object
+        boxes = dict(fixed)
+        for i, (_, _, p) in enumerate(items):
+            if p:
+                continue
+            s = LATTICE * int(rng.integers(lo // LATTICE, hi // LATTICE + 1))
+            slots = (IMAGE_SIZE - 2 * CELL_MARGIN - s) // LATTICE + 1
+            xy = CELL_MARGIN + LATTICE * rng.integers(0, slots, size=(64, 2))  # candidates, first fit wins
+            fit = next((b for b in ((int(x), int(y), s) for x, y in xy)
+                        if all(_apart(b, o) for o in boxes.values())), None)
+            if fit is None:
+                break
+            boxes[i] = fit
+        if len(boxes) == len(items):
+            break
+    else:
+        raise RuntimeError(f"could not lay out {prompt.text!r}")  # unreachable in practice
+    placed = [PlacedObject(c, sh, round(boxes[i][0] * scale), round(boxes[i][1] * scale), round(boxes[i][2] * scale))
+              for i, (c, sh, _) in enumerate(items)]
     return Scene(prompt, placed)
 
 
@@ -245,25 +415,36 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def sample_scene(seed: int, num_objects: int | None = None, split: str = "train",
-                 size: int = IMAGE_SIZE) -> Scene:
-    """One scene, a pure function of the seed."""
+                 size: int = IMAGE_SIZE, kind: str | None = None) -> Scene:
+    """One scene of the places world (kinds balanced unless ``kind`` is given), a pure function of the seed."""
     rng = np.random.default_rng(seed)
-    return layout(sample_prompt(rng, num_objects, split), rng, size)
+    return layout(sample_places_prompt(rng, num_objects, split, kind), rng, size)
 
 
-def prompt_set(seed: int, count: int, split: str, per_complexity: bool = True) -> list[str]:
+def prompt_set(seed: int, count: int, split: str, per_complexity: bool = True, places: bool = False) -> list[str]:
     """``count`` prompt texts of a split, as evenly spread over 1..4 objects as ``per_complexity`` asks.
 
+    ``places=False``: the first world's prompts (none placed; what ``toy-train`` / ``toy-heldout`` hold).
+    ``places=True``: the places world, cycling the kinds (all placed, mixed, none placed) and, within each kind,
+    the object counts it allows (mixed: 2-4), so the three kinds are balanced to within one prompt.
     Distinct texts where the split has enough of them (the 1-object held-out level has only a few
     combinations; those repeat and are sampled with different noise seeds).
     """
     rng = np.random.default_rng(seed)
     out: list[str] = []
-    levels = [1 + i % MAX_OBJECTS for i in range(count)] if per_complexity else [None] * count
+    if places:
+        cells_ = [(KINDS[i % 3], _levels_for(KINDS[i % 3])[(i // 3) % len(_levels_for(KINDS[i % 3]))])
+                  for i in range(count)]
+        levels: list = cells_ if per_complexity else [(KINDS[i % 3], None) for i in range(count)]
+    else:
+        levels = [1 + i % MAX_OBJECTS for i in range(count)] if per_complexity else [None] * count
     seen: set[str] = set()
-    for n in levels:
+    for lv in levels:
         for attempt in range(200):
-            text = sample_prompt(rng, n, split).text
+            if places:
+                text = sample_places_prompt(rng, lv[1], split, lv[0]).text
+            else:
+                text = sample_prompt(rng, lv, split).text
             if text not in seen or attempt == 199:
                 break
         seen.add(text)
@@ -277,20 +458,30 @@ def complexity(text: str) -> tuple[int, int]:
     return p.num_objects, p.num_groups
 
 
-#: the bundled prompt sets (``builtin:toy-train`` / ``builtin:toy-heldout``): (seed, count, split, file)
-TOY_PROMPT_SETS = {"toy-train": (1000, 2000, "train", "toy_train.txt"),
-                   "toy-heldout": (2000, 200, "heldout", "toy_heldout.txt")}
+def ambiguity(text: str) -> int:
+    """The number of unplaced objects of a prompt (0-4): the places world's step-need class."""
+    return parse_prompt(text).num_unplaced
+
+
+#: the bundled prompt sets (``builtin:<name>``): (seed, count, split, file, places world?). ``toy-train`` and
+#: ``toy-heldout`` are the first world's (the shipped backbone's); the ``toy-places-*`` sets balance kinds.
+TOY_PROMPT_SETS = {"toy-train": (1000, 2000, "train", "toy_train.txt", False),
+                   "toy-heldout": (2000, 200, "heldout", "toy_heldout.txt", False),
+                   "toy-places-train": (3000, 2400, "train", "toy_places_train.txt", True),
+                   "toy-places-heldout": (4000, 210, "heldout", "toy_places_heldout.txt", True)}
 
 
 def toy_prompt_file(name: str) -> str:
     """The text of a bundled toy prompt set: a header comment, then one prompt per line.
 
-    ``toy-train`` keeps each distinct prompt once; ``toy-heldout`` keeps its 50 prompts per object
-    count, so the few 1-object held-out combinations repeat (each line gets its own noise seed)."""
-    seed, count, split, _ = TOY_PROMPT_SETS[name]
-    prompts = prompt_set(seed, count, split)
-    if split == "train":
+    ``toy-train`` keeps each distinct prompt once; the other sets keep their even spread (kinds and object
+    counts), so the few small combinations repeat (each line gets its own noise seed)."""
+    seed, count, split, _, places = TOY_PROMPT_SETS[name]
+    prompts = prompt_set(seed, count, split, places=places)
+    if split == "train" and not places:
         prompts = list(dict.fromkeys(prompts))
-    head = (f"# tpdm-rl toy world, {split} split: {len(prompts)} prompts (toyworld.prompt_set({seed}, {count}, "
-            f"{split!r})); train and held-out sets never share a combination\n")
+    call = f"toyworld.prompt_set({seed}, {count}, {split!r}" + (", places=True))" if places else "))")
+    world = "toy world (places)" if places else "toy world"
+    head = (f"# tpdm-rl {world}, {split} split: {len(prompts)} prompts ({call}; train and held-out sets never "
+            "share a combination\n")
     return head + "".join(p + "\n" for p in prompts)

@@ -43,13 +43,14 @@ def at_equal_nfe(target: torch.Tensor, target_nfe: float, family: dict[int, torc
             "z": d["mean"] / d["se"] if d["se"] > 0 else (math.inf if d["mean"] > 0 else -math.inf)}
 
 
-def complexity_of(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(objects, groups) per prompt when every prompt is a toy-world prompt, else None."""
+def complexity_of(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(objects, groups, unplaced objects) per prompt when every prompt is a toy-world prompt, else None."""
     try:
         parsed = [parse_prompt(p) for p in prompts]
     except PromptError:
         return None
-    return (torch.tensor([p.num_objects for p in parsed]), torch.tensor([p.num_groups for p in parsed]))
+    return (torch.tensor([p.num_objects for p in parsed]), torch.tensor([p.num_groups for p in parsed]),
+            torch.tensor([p.num_unplaced for p in parsed]))
 
 
 def by_level(values: torch.Tensor, levels: torch.Tensor) -> dict[str, dict[str, float]]:

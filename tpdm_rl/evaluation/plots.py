@@ -163,26 +163,31 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def plot_complexity(path: Path, report: dict) -> None:
-    """Steps (NFE) against prompt complexity: per number of objects, each method's mean NFE with its SE, and
-    the TPM's per-image spread."""
+    """Steps (NFE) against prompt complexity, one panel per axis: number of objects and, where the report has
+    it, number of unplaced objects (the places world's ambiguity class); each method's mean NFE with its SE."""
     cx = report["complexity"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = list(cx["nfe_by_objects"])
-    for i, name in enumerate(methods):
-        lv = cx["nfe_by_objects"][name]
-        xs = [int(k) for k in lv]
-        ys = [lv[k]["mean"] for k in lv]
-        es = [lv[k]["se"] for k in lv]
-        style = {"lw": 2.2, "marker": "o"} if name == "tpm" else {"lw": 1.0, "marker": ".", "alpha": 0.8}
-        ax.errorbar([x + 0.04 * (i - len(methods) / 2) for x in xs], ys, yerr=es, label=name, capsize=3, **style)
-    if "tpm" in cx["nfe_by_objects"]:
-        rho = cx["spearman_tpm_nfe"]["objects"]
-        ax.set_title(f"steps vs complexity (TPM: Spearman rho {rho['rho']:.2f}, p {rho['p']:.2g})", fontsize=10)
-    ax.set_xlabel("objects in the prompt")
-    ax.set_ylabel("NFE (transformer calls) per image, mean ± SE")
-    ax.set_xticks(sorted({int(k) for lv in cx["nfe_by_objects"].values() for k in lv}))
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
+    axes_ = [(a, label) for a, label in (("objects", "objects in the prompt"),
+                                         ("unplaced", "unplaced objects in the prompt")) if cx.get(f"nfe_by_{a}")]
+    fig, axs = plt.subplots(1, len(axes_), figsize=(6.4 * len(axes_), 4.2), squeeze=False)
+    for ax, (axis, label) in zip(axs[0], axes_):
+        nfe = cx[f"nfe_by_{axis}"]
+        methods = list(nfe)
+        for i, name in enumerate(methods):
+            lv = nfe[name]
+            xs = [int(k) for k in lv]
+            ys = [lv[k]["mean"] for k in lv]
+            es = [lv[k]["se"] for k in lv]
+            style = {"lw": 2.2, "marker": "o"} if name == "tpm" else {"lw": 1.0, "marker": ".", "alpha": 0.8}
+            ax.errorbar([x + 0.04 * (i - len(methods) / 2) for x in xs], ys, yerr=es, label=name, capsize=3,
+                        **style)
+        rho = cx.get("spearman_tpm_nfe", {}).get(axis)
+        if "tpm" in nfe and rho:
+            ax.set_title(f"steps vs {axis} (TPM: Spearman rho {rho['rho']:.2f}, p {rho['p']:.2g})", fontsize=10)
+        ax.set_xlabel(label)
+        ax.set_ylabel("NFE (transformer calls) per image, mean ± SE")
+        ax.set_xticks(sorted({int(k) for lv in nfe.values() for k in lv}))
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

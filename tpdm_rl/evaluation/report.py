@@ -84,30 +84,46 @@ def comparison_lines(report: dict) -> list[str]:
     return out
 
 
+def _level_tables(cx: dict, metrics: list[str], axis: str, label: str) -> list[str]:
+    """Mean NFE, then each metric, per level of one complexity axis (``objects`` or ``unplaced``)."""
+    nfe = cx.get(f"nfe_by_{axis}")
+    if not nfe:
+        return []
+    methods = list(nfe)
+    levels = sorted({k for lv in nfe.values() for k in lv}, key=int)
+    head = "| method | " + " | ".join(f"{k} {label}" for k in levels) + " |"
+    rule = "|" + "---|" * (len(levels) + 1)
+    out = ["", f"NFE by number of {label}:", "", head, rule]
+    for name in methods:
+        lv = nfe[name]
+        out.append(f"| {name} | " + " | ".join(_fmt(lv[k]) if k in lv else "" for k in levels) + " |")
+    for metric in metrics:
+        out += ["", f"{metric} by number of {label}:", "", head, rule]
+        for name in methods:
+            lv = cx.get(f"scores_by_{axis}", {}).get(name, {}).get(metric, {})
+            out.append(f"| {name} | " + " | ".join(_fmt(lv[k], 3) if k in lv else "" for k in levels) + " |")
+    return out
+
+
 def complexity_lines(report: dict) -> list[str]:
-    """Mean NFE per number of objects, and the TPM's rank correlation with complexity."""
+    """Mean NFE and scores per number of objects and per number of unplaced objects (the places world's
+    ambiguity class), and the TPM's rank correlation with each."""
     cx = report.get("complexity")
     if not cx:
         return []
-    methods = list(cx["nfe_by_objects"])
-    levels = sorted({k for lv in cx["nfe_by_objects"].values() for k in lv}, key=int)
-    out = ["", "## Steps by prompt complexity (steps_vs_complexity.png)", "",
-           "| method | " + " | ".join(f"{k} object(s): NFE" for k in levels) + " |",
-           "|" + "---|" * (len(levels) + 1)]
-    for name in methods:
-        lv = cx["nfe_by_objects"][name]
-        out.append(f"| {name} | " + " | ".join(_fmt(lv[k]) if k in lv else "" for k in levels) + " |")
     metrics = [m for m in report.get("metrics", []) if m != "fidelity"]
-    for metric in metrics:
-        out += ["", f"{metric} by number of objects:", "",
-                "| method | " + " | ".join(f"{k} object(s)" for k in levels) + " |", "|" + "---|" * (len(levels) + 1)]
-        for name in methods:
-            lv = cx["scores_by_objects"][name].get(metric, {})
-            out.append(f"| {name} | " + " | ".join(_fmt(lv[k], 3) if k in lv else "" for k in levels) + " |")
+    out = ["", "## Steps by prompt complexity (steps_vs_complexity.png)"]
+    out += _level_tables(cx, metrics, "objects", "object(s)")
+    out += _level_tables(cx, metrics, "unplaced", "unplaced")
     if "spearman_tpm_nfe" in cx:
-        o, g = cx["spearman_tpm_nfe"]["objects"], cx["spearman_tpm_nfe"]["groups"]
-        out += ["", f"Spearman rank correlation of the TPM's NFE with the number of objects: rho = {o['rho']:.3f} "
-                    f"(p = {o['p']:.2g}); with the number of groups: rho = {g['rho']:.3f} (p = {g['p']:.2g})."]
+        sp = cx["spearman_tpm_nfe"]
+        o, g = sp["objects"], sp["groups"]
+        line = (f"Spearman rank correlation of the TPM's NFE with the number of objects: rho = {o['rho']:.3f} "
+                f"(p = {o['p']:.2g}); with the number of groups: rho = {g['rho']:.3f} (p = {g['p']:.2g})")
+        if "unplaced" in sp:
+            u = sp["unplaced"]
+            line += f"; with the number of unplaced objects: rho = {u['rho']:.3f} (p = {u['p']:.2g})"
+        out += ["", line + "."]
     return out
 
 
@@ -133,4 +149,8 @@ def headline(report: dict) -> str:
         lv = cx["nfe_by_objects"]["tpm"]
         lines.append("tpm NFE by objects: " + ", ".join(f"{k}: {v['mean']:.2f}" for k, v in lv.items())
                      + f"; Spearman rho {cx['spearman_tpm_nfe']['objects']['rho']:.3f}")
+        if "unplaced" in cx["spearman_tpm_nfe"] and "nfe_by_unplaced" in cx:
+            lu = cx["nfe_by_unplaced"]["tpm"]
+            lines.append("tpm NFE by unplaced objects: " + ", ".join(f"{k}: {v['mean']:.2f}" for k, v in lu.items())
+                         + f"; Spearman rho {cx['spearman_tpm_nfe']['unplaced']['rho']:.3f}")
     return "\n".join(lines)

@@ -298,16 +298,20 @@ def compare_tpm(results: dict[str, MethodResult], tables: dict[int, str] | None 
 
 
 def complexity_report(results: dict[str, MethodResult], prompts: list[str], shown: list[str]) -> dict | None:
-    """NFE and scores per complexity level (objects, groups) and Spearman's rho of the TPM's NFE with complexity
-    (toy-world prompts only)."""
+    """NFE and scores per complexity level (objects, groups, unplaced objects: the places world's ambiguity
+    class) and Spearman's rho of the TPM's NFE with each (toy-world prompts only)."""
     levels = complexity_of(prompts)
     if levels is None:
         return None
-    objects, groups = levels
+    objects, groups, unplaced = levels
     out = {"nfe_by_objects": {n: by_level(results[n].nfe, objects) for n in shown},
            "nfe_by_groups": {n: by_level(results[n].nfe, groups) for n in shown},
-           "scores_by_objects": {n: {r: by_level(v, objects) for r, v in results[n].rewards.items()} for n in shown}}
+           "nfe_by_unplaced": {n: by_level(results[n].nfe, unplaced) for n in shown},
+           "scores_by_objects": {n: {r: by_level(v, objects) for r, v in results[n].rewards.items()} for n in shown},
+           "scores_by_unplaced": {n: {r: by_level(v, unplaced) for r, v in results[n].rewards.items()}
+                                  for n in shown}}
     if "tpm" in results:
         out["spearman_tpm_nfe"] = {"objects": rank_correlation(objects, results["tpm"].nfe),
-                                   "groups": rank_correlation(groups, results["tpm"].nfe)}
+                                   "groups": rank_correlation(groups, results["tpm"].nfe),
+                                   "unplaced": rank_correlation(unplaced, results["tpm"].nfe)}
     return out
