@@ -35,7 +35,7 @@ from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.baselines import BaselineSampler, Method
 from tpdm_rl.rollout.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
-from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, TEXT_LEN, shipped_toy_dir
+from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, shipped_toy_dir, toy_text_len
 
 from tpdm_rl.evaluation.run import noise_seed
 from tpdm_rl.prompts import load_prompts
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
     path = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
-    bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=TEXT_LEN)
+    bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
     sampler = BaselineSampler(bb, 64, 64, batch_size=32)
     if args.mode == "select":
         prompts = prompt_set(args.train_seed, args.train_count, "train")
