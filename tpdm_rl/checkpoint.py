@@ -36,6 +36,17 @@ def save_tpm(policy: TimePredictionModule, path: str | os.PathLike, extra_meta: 
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     save_file(tensors, str(path), metadata=meta)
+    make_shareable(path)
+
+
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary ``open`` would (0644 under umask 022).
+
+    Why: safetensors writes its files with mode 0600, so a checkpoint or export could not be shared with
+    the group like every other file of a run."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_tpm_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -120,6 +131,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     path = ckpt_root / name
     if not name or not path.is_dir():
         raise CheckpointError(f"{str(marker)!r} names {name!r}, which is not a checkpoint directory")
+    if path.resolve().parent != ckpt_root.resolve():  # "../../other_run/checkpoints/step_5" or a symlink out
+        raise CheckpointError(f"{str(marker)!r} names {name!r}, which resolves to {str(path.resolve())!r} outside "
+                              f"this run's {str(ckpt_root)!r}; expected a step_N folder of this run (pass "
+                              "--resume PATH to resume from another run's checkpoint on purpose)")
     return path
 
 
@@ -144,6 +159,11 @@ def load_checkpoint(path: Path) -> dict:
         try:
             optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - corrupt pickle/zip of any kind
-            raise CheckpointError(f"{str(path / OPTIM_FILE)!r} is corrupt: {str(exc).splitlines()[0]}") from None
+            # torch's own text advises weights_only=False, i.e. running the file's code: never pass that on
+            what = ("holds pickled objects other than tensors (nothing in it was run)" if "Weights only load failed"
+                    in str(exc) else "is corrupt or not a torch optimizer state")
+            raise CheckpointError(f"{str(path / OPTIM_FILE)!r} {what}; expected the optimizer state tpdm-rl "
+                                  "writes (tensors and numbers only): restore it from a backup, or delete it and "
+                                  "pass --fresh-optimizer") from None
     cfg = (path / CONFIG_FILE).read_text() if (path / CONFIG_FILE).is_file() else ""
     return {"policy": policy, "optimizer": optim, "state": state, "config_yaml": cfg, "path": path}

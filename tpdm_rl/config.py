@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpdm_rl.rewards.registry import RewardError, reward_class, reward_options
-from tpdm_rl.utils import warn
+from tpdm_rl.console import warn
+from tpdm_rl.rewards.registry import RewardError, reward_info
 
 
 class ConfigError(ValueError):
@@ -200,7 +200,8 @@ class TrainConfig(_Strict):
 
     iterations: int = Field(30, ge=1, description="training iterations")
     device: str = Field("auto", description="learner device in one process: auto, cpu, cuda:N")
-    threads: int = Field(0, ge=0, description="torch threads in the controller process (0: the CPUs available)")
+    threads: int = Field(0, ge=0, description="torch threads in the controller process (0: auto, the CPUs idle "
+                         "when the run starts, with a passive OpenMP wait; docs/threads.md)")
 
 
 class CheckpointConfig(_Strict):
@@ -261,20 +262,20 @@ class Config(_Strict):
             raise ValueError("rewards: at least one reward component is needed")
         for name, spec in self.rewards.items():
             try:
-                reward_class(name)
+                info = reward_info(name)  # no import of the reward's module: config checks stay fast
             except RewardError as exc:
                 raise ValueError(f"rewards.{name}: {exc}") from None
             for key, value in (spec.model_extra or {}).items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ValueError(f"rewards.{name}.{key}: {value} is not a finite number")
-                if key not in reward_options(name):
+                if key not in info.options:
                     raise ValueError(f"rewards.{name}.{key}: unknown option for reward {name!r}; expected one of "
-                                     f"{sorted(reward_options(name) | {'weight', 'normalize'})}")
+                                     f"{sorted(info.options | {'weight', 'normalize'})}")
         if self.rollout.sigma_min >= self.rollout.sigma_max:
             raise ValueError("rollout.sigma_min must be below rollout.sigma_max")
         if self.step_penalty.mode in ("discount", "tpdm"):
             for name, spec in self.rewards.items():
-                if spec.normalize != "none" or spec.weight < 0 or not reward_class(name).nonnegative:
+                if spec.normalize != "none" or spec.weight < 0 or not reward_info(name).nonnegative:
                     raise ValueError(
                         f"step_penalty.mode {self.step_penalty.mode!r} multiplies the reward by a factor that falls "
                         "with the steps, which rewards MORE steps "
