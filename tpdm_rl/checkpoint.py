@@ -7,6 +7,7 @@ optimiser state, JSON/YAML for the rest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .console import disk_full
 from .policy import TimePredictionModule, TPMSpec
 
 TPM_FILE = "tpm.safetensors"
@@ -103,13 +105,19 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     for stale in ckpt_root.glob(".step_*.tmp*"):  # half-written by a writer that was killed; never read
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIM_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    for fname, data in (extra_files or {}).items():
-        (tmp / fname).write_bytes(data)
+    try:
+        save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIM_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+    except (OSError, RuntimeError) as exc:  # ``latest`` still names the previous complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc) is not None or _no_space(ckpt_root):  # torch reports ENOSPC as "unexpected pos N vs M"
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -120,6 +128,13 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
         if d != final:
             shutil.rmtree(d, ignore_errors=True)
     return final
+
+
+def _no_space(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

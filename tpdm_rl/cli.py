@@ -91,6 +91,7 @@ def cmd_make_toy_backbone(args: argparse.Namespace) -> int:
     from tpdm_rl.rollout.toy_backbone import ToyTrainSettings, copy_toy_backbone, train_toy_backbone
 
     _quiet_libraries()
+    _check_writable(out)
     if args.train:
         settings = ToyTrainSettings(seed=args.seed, threads=threads)
         t0 = time.perf_counter()
@@ -101,6 +102,18 @@ def cmd_make_toy_backbone(args: argparse.Namespace) -> int:
         copy_toy_backbone(out)
         print(f"toy backbone written to {out} (the shipped, trained one; --train reproduces it)")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Fail with one line naming the folder before anything is written into a read-only target."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tpdm-rl-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc}; expected a new or empty folder you can write to",
+                      str(out)) from None
 
 
 def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
@@ -279,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             done = getattr(exc, "checkpointed", None)
             tail = f" (state of the last completed iteration checkpointed in {done})" if done else ""
             print(f"tpdm-rl: error: {_first_line(exc)}{tail}", file=sys.stderr)
+            return EXIT_FAIL
+        if isinstance(exc, OSError) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+            src, dst, why = (list(exc.args[0][0]) + ["", "", ""])[:3]  # shutil.Error: a list of (src, dst, why)
+            print(f"tpdm-rl: error: cannot write {dst!r}: {str(why).splitlines()[0]} (and {len(exc.args[0]) - 1} "
+                  "more)", file=sys.stderr)
             return EXIT_FAIL
         if isinstance(exc, OSError):  # read-only folder, ...: files written so far stay consistent
             where = f" {exc.filename!r}" if exc.filename else ""

@@ -169,6 +169,9 @@ class Controller:
                                      resume_from_iteration=self.start_iteration if ckpt is not None else None,
                                      wandb_id=ckpt["state"].get("wandb_run_id") if ckpt is not None else None)
         (self.output / "config.yaml").write_text(config_to_yaml(cfg))
+        if ckpt is None and self.folder.retried:
+            warn(f"{self.output}: the previous start failed before its first iteration; starting over in the same "
+                 "folder")
         if ckpt is None:
             self.folder.record("start", iterations=cfg.train.iterations, moved_previous_run_to=str(
                 self.folder.moved_to) if self.folder.moved_to else None)
