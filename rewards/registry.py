@@ -8,9 +8,12 @@ import path of code that never builds those rewards.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 #: built-in reward modules (``tpdm_rl.rewards.<module>``), imported on first registry lookup
@@ -65,6 +68,92 @@ def reward_option_defaults(name: str) -> dict[str, Any]:
 def reward_options(name: str) -> set[str]:
     """The keyword options ``build_reward(name, ...)`` accepts."""
     return set(reward_option_defaults(name))
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """What validating a config needs to know about a reward, without building (or importing) it."""
+
+    name: str
+    options: frozenset[str]
+    nonnegative: bool = False
+    needs_reference: bool = False
+    unit: str = ""
+
+
+def _info_of_class(cls: type) -> RewardInfo:
+    return RewardInfo(cls.name, frozenset(reward_options(cls.name)), bool(getattr(cls, "nonnegative", False)),
+                      bool(getattr(cls, "needs_reference", False)), str(getattr(cls, "unit", "")))
+
+
+_STATIC: dict[str, RewardInfo] | None = None
+_FLAGS = ("nonnegative", "needs_reference", "unit")
+
+
+def _static_builtin_info() -> dict[str, RewardInfo]:
+    """The built-in rewards read from their source files (``ast``), not imported.
+
+    Why: importing them loads torch and transformers (5-6 s), and ``tpdm-rl config`` / every config
+    error must answer in well under 2 s. ``tests/test_layers.py`` checks this view against the classes."""
+    global _STATIC
+    if _STATIC is not None:
+        return _STATIC
+    classes: dict[str, dict] = {}
+    here = Path(__file__).resolve().parent
+    for mod in ("base", *BUILTIN_MODULES):
+        try:
+            tree = ast.parse((here / f"{mod}.py").read_text())
+        except (OSError, SyntaxError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            info: dict = {"bases": [b.id for b in node.bases if isinstance(b, ast.Name)], "init": None,
+                          "attrs": {}, "registered": None}
+            for d in node.decorator_list:
+                if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "register_reward"
+                        and d.args and isinstance(d.args[0], ast.Constant)):
+                    info["registered"] = d.args[0].value
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    info["init"] = {a.arg for a in item.args.args + item.args.kwonlyargs if a.arg != "self"}
+                targets = (item.targets if isinstance(item, ast.Assign) else
+                           [item.target] if isinstance(item, ast.AnnAssign) and item.value is not None else [])
+                for t in targets:
+                    if isinstance(t, ast.Name) and t.id in _FLAGS and isinstance(item.value, ast.Constant):
+                        info["attrs"][t.id] = item.value.value
+            classes[node.name] = info
+    out: dict[str, RewardInfo] = {}
+    for info in classes.values():
+        if info["registered"] is None:
+            continue
+        opts: set[str] = set()
+        attrs: dict = {}
+        chain, cur = [], info
+        while cur is not None and len(chain) < 16:
+            chain.append(cur)
+            cur = next((classes[b] for b in cur["bases"] if b in classes), None)
+        for c in chain:
+            opts |= c["init"] or set()
+            for k, v in c["attrs"].items():
+                attrs.setdefault(k, v)
+        out[info["registered"]] = RewardInfo(info["registered"], frozenset(opts), bool(attrs.get("nonnegative", False)),
+                                             bool(attrs.get("needs_reference", False)), str(attrs.get("unit", "")))
+    _STATIC = out
+    return out
+
+
+def reward_info(name: str) -> RewardInfo:
+    """Options and flags of reward ``name``: from the registered class when it is loaded, else (a built-in)
+    from its source without importing it; an unknown name is a one-line RewardError."""
+    if name in _REGISTRY:
+        return _info_of_class(_REGISTRY[name])
+    static = _static_builtin_info()
+    if name in static:
+        return static[name]
+    if not static:  # source files unreadable (a zipped install): import them
+        return _info_of_class(reward_class(name))
+    raise RewardError(f"unknown reward {name!r}; expected one of {sorted(set(_REGISTRY) | set(static))}")
 
 
 def build_reward(name: str, **options: Any) -> Any:

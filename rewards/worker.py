@@ -11,6 +11,7 @@ import time
 import torch
 
 from tpdm_rl.messages import ImageBatch, ScoreResult
+from tpdm_rl.threads import apply_threads
 
 from .registry import RewardError, build_reward
 
@@ -19,8 +20,8 @@ class RewardWorker:
     """One reward component (``name`` + its options) behind the batched scoring call."""
 
     def __init__(self, name: str, options: dict, threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        if threads:  # a Ray actor (distributed.threads_per_actor); in one process the controller's setting holds
+            apply_threads(threads, "actor")
         self.name = name
         try:
             self.model = build_reward(name, **options)

@@ -25,6 +25,19 @@ class BackboneError(RuntimeError):
     """The backbone could not be loaded or used (one-line message naming the path / value)."""
 
 
+def check_model_index(index_file: Path) -> None:
+    """A one-line BackboneError naming ``model_index.json`` when it is not a JSON object (diffusers' own error
+    names neither the file nor what was expected)."""
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BackboneError(f"{str(index_file)!r} is not valid JSON ({exc}); expected a diffusers pipeline index "
+                            "(a JSON object naming the components)") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise BackboneError(f"{str(index_file)!r} holds {type(index).__name__}, not a diffusers pipeline index; "
+                            "expected a JSON object with '_class_name' and the components")
+
+
 def null_components(directory: str | os.PathLike) -> dict[str, None]:
     """``{name: None}`` for the components a pipeline folder's model_index.json leaves out (null).
 
@@ -90,6 +103,8 @@ class Backbone:
             )
         if is_local and not (Path(self.path) / "model_index.json").is_file():
             raise BackboneError(f"backbone path {self.path!r} has no model_index.json: not a diffusers pipeline folder")
+        if is_local:
+            check_model_index(Path(self.path) / "model_index.json")
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(
                 self.path, dtype=self.dtype, local_files_only=bool(local_files_only) or is_local,

@@ -44,11 +44,11 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from tpdm_rl.defaults import PRESETS
 from tpdm_rl.utils import DTYPE_ALIASES, DTYPES, write_json_atomic
 
 from .tiny_backbone import byte_symbols
 
-PRESETS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 #: the model components, in the order they are built and written
 MODELS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")
 MARKER = "tpdm_random.json"

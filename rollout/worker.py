@@ -17,6 +17,7 @@ from tpdm_rl.config import Config
 from tpdm_rl.messages import ImageBatch, RolloutSummary, RolloutTask, StepRows
 from tpdm_rl.policy import build_policy
 from tpdm_rl.prompts import load_prompts
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.utils import DTYPES, PhaseTimer
 
 from .backbone import Backbone
@@ -42,8 +43,8 @@ class RolloutWorker:
     """Generates the trajectories (and cached fidelity references) of rollout tasks."""
 
     def __init__(self, cfg: Config, backbone_path: str, threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        if threads:  # a Ray actor (distributed.threads_per_actor); in one process the controller's setting holds
+            apply_threads(threads, "actor")
         self.cfg = cfg
         b, r = cfg.backbone, cfg.rollout
         self.backbone = Backbone(backbone_path, device=b.device, dtype=b.dtype, guidance_scale=b.guidance_scale,

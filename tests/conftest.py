@@ -56,6 +56,7 @@ def small_overrides(backbone_dir: str, **extra) -> list[str]:
         "checkpoint.every": 1,
         "logging.progress": False,
         "logging.tensorboard": False,
+        "train.threads": 1,  # fixed: 0 (auto) follows the machine's load, and results agree only at equal counts
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

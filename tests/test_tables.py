@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from conftest import small_overrides
-
-from tpdm_rl.cli import main
 from tpdm_rl.rollout.baselines import BaselineSampler, Method, MethodError, parse_method, parse_methods
 from tpdm_rl.rollout.tables import TableError, check_table, load_family, shift_table, two_phase_table
+
+from tpdm_rl.cli import main
 
 PROMPTS = ["a red apple on a table", "a blue car in the rain", "a cat on a sofa"]
 

@@ -7,6 +7,7 @@ optimiser state, JSON/YAML for the rest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .console import disk_full
 from .policy import TimePredictionModule, TPMSpec
 
 TPM_FILE = "tpm.safetensors"
@@ -36,6 +38,17 @@ def save_tpm(policy: TimePredictionModule, path: str | os.PathLike, extra_meta: 
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     save_file(tensors, str(path), metadata=meta)
+    make_shareable(path)
+
+
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary ``open`` would (0644 under umask 022).
+
+    Why: safetensors writes its files with mode 0600, so a checkpoint or export could not be shared with
+    the group like every other file of a run."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_tpm_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -92,13 +105,19 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     for stale in ckpt_root.glob(".step_*.tmp*"):  # half-written by a writer that was killed; never read
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIM_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    for fname, data in (extra_files or {}).items():
-        (tmp / fname).write_bytes(data)
+    try:
+        save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIM_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+    except (OSError, RuntimeError) as exc:  # ``latest`` still names the previous complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc) is not None or _no_space(ckpt_root):  # torch reports ENOSPC as "unexpected pos N vs M"
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -111,6 +130,13 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     return final
 
 
+def _no_space(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The checkpoint ``latest`` names, or None when there is none yet."""
     marker = ckpt_root / LATEST
@@ -120,6 +146,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     path = ckpt_root / name
     if not name or not path.is_dir():
         raise CheckpointError(f"{str(marker)!r} names {name!r}, which is not a checkpoint directory")
+    if path.resolve().parent != ckpt_root.resolve():  # "../../other_run/checkpoints/step_5" or a symlink out
+        raise CheckpointError(f"{str(marker)!r} names {name!r}, which resolves to {str(path.resolve())!r} outside "
+                              f"this run's {str(ckpt_root)!r}; expected a step_N folder of this run (pass "
+                              "--resume PATH to resume from another run's checkpoint on purpose)")
     return path
 
 
@@ -144,6 +174,11 @@ def load_checkpoint(path: Path) -> dict:
         try:
             optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - corrupt pickle/zip of any kind
-            raise CheckpointError(f"{str(path / OPTIM_FILE)!r} is corrupt: {str(exc).splitlines()[0]}") from None
+            # torch's own text advises weights_only=False, i.e. running the file's code: never pass that on
+            what = ("holds pickled objects other than tensors (nothing in it was run)" if "Weights only load failed"
+                    in str(exc) else "is corrupt or not a torch optimizer state")
+            raise CheckpointError(f"{str(path / OPTIM_FILE)!r} {what}; expected the optimizer state tpdm-rl "
+                                  "writes (tensors and numbers only): restore it from a backup, or delete it and "
+                                  "pass --fresh-optimizer") from None
     cfg = (path / CONFIG_FILE).read_text() if (path / CONFIG_FILE).is_file() else ""
     return {"policy": policy, "optimizer": optim, "state": state, "config_yaml": cfg, "path": path}

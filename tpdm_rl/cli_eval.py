@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from tpdm_rl.rollout.baselines import MethodError, parse_method, parse_methods
-from tpdm_rl.rollout.pipeline import TPDMPipeline
-from tpdm_rl.rollout.tables import TableError, load_family
+from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
+from .threads import apply_threads
 
-from .evaluation import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, evaluate, export_tpm
+# torch and the model libraries are imported inside the commands (after the thread policy is applied),
+# so the parser and every option error stay fast.
 
 EXIT_USAGE = 2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -28,7 +28,9 @@ def _usage_errors(func):
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (MethodError, TableError, _OptionError) as exc:
+        except Exception as exc:
+            if not {c.__name__ for c in type(exc).__mro__} & {"MethodError", "TableError", "_OptionError"}:
+                raise
             print(f"tpdm-rl: error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return EXIT_USAGE
 
@@ -49,11 +51,13 @@ def _int_list(text: str, flag: str) -> list[int]:
     return vals
 
 
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise _OptionError(f"--threads must be >= 0 (0: the CPUs idle at start), got {threads}")
+
+
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
-    parse_methods(args.methods)  # fail before anything is loaded
-    if args.tables:
-        load_family(args.tables)
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
     for flag, v in (("--seeds", args.seeds), ("--batch-size", args.batch_size),
                     ("--timing-repeats", args.timing_repeats)):
@@ -61,12 +65,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise _OptionError(f"{flag} must be >= 1, got {v}")
     if args.limit is not None and args.limit < 1:
         raise _OptionError(f"--limit must be >= 1, got {args.limit}")
+    _check_threads(args.threads)
+    apply_threads(args.threads, "eval")
+    from tpdm_rl.rollout.baselines import parse_methods
+
+    from .cli import _quiet_libraries
+    from .evaluation import evaluate
+
+    _quiet_libraries()
+    parse_methods(args.methods)  # fail before anything is loaded
+    if args.tables:
+        from tpdm_rl.rollout.tables import load_family
+
+        load_family(args.tables)
     t0 = time.perf_counter()
     report = evaluate(args.checkpoint, args.output, prompts=args.prompts, methods=args.methods, rewards=args.rewards,
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
                       batch_size=args.batch_size, device=args.device, grid_prompts=args.grid_prompts,
                       progress=not args.no_progress, timing_repeats=args.timing_repeats,
-                      inference=args.tpm_inference, tables=args.tables)
+                      inference=args.tpm_inference, overwrite=args.overwrite, tables=args.tables)
 
     print((Path(args.output) / "results.md").read_text())
     print(f"evaluated {report['num_images']} images x {len(report['methods'])} methods in "
@@ -81,16 +98,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
     if args.size is not None and args.size < 1:
         raise _OptionError(f"--size must be a positive number of pixels, got {args.size}")
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
+        raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
+                           f"one of {', '.join(IMAGE_SUFFIXES)}")
+    _check_threads(args.threads)
+    apply_threads(args.threads, "sample")
+    from tpdm_rl.rollout.baselines import parse_method
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
+
     method = parse_method(args.method)
     if method.kind == "tpm-mean":
         raise _OptionError("--method tpm-mean needs many prompts (use tpdm-rl eval); expected tpm, fixed:N, "
                            "sigmas:..., adaptive:... or tpm+adaptive:...")
     if args.adaptive is not None and method.kind != "tpm":
         raise _OptionError(f"--adaptive adds skipping to --method tpm only, got --method {args.method!r}")
-    suffix = Path(args.output).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
-        raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
-                           f"one of {', '.join(IMAGE_SUFFIXES)}")
+
+    from .cli import _quiet_libraries
+
+    _quiet_libraries()
     pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device,
                                         inference=args.tpm_inference)
     res = args.size or pipe.resolution
@@ -106,7 +132,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval)
+    apply_threads(None, "export")
+    from .evaluation import export_tpm
+
+    out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval, overwrite=args.overwrite)
     print(f"exported TPM to {out} (tpm.safetensors, tpdm_config.json, README.md)")
     return 0
 
@@ -137,6 +166,9 @@ def register(subparsers) -> None:
     e.add_argument("--timing-repeats", type=int, default=1,
                    help="sample each method R times and report the fastest wall clock (damps machine noise)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: the CPUs idle at start; docs/threads.md)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output")
     e.add_argument("--tpm-inference", choices=["mode", "mean", "sample"], default=None,
                    help="how the TPM picks its ratio (default: the TPM file's policy.inference)")
     e.add_argument("--tables", default=None, metavar="FAMILY",
@@ -158,10 +190,13 @@ def register(subparsers) -> None:
     s.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")
     s.add_argument("--tpm-inference", choices=["mode", "mean", "sample"], default=None,
                    help="how the TPM picks its ratio (default: the TPM file's policy.inference)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: the CPUs idle at start; docs/threads.md)")
     s.set_defaults(func=cmd_sample)
 
     x = subparsers.add_parser("export", help="export a TPM for inference (weights, config, model card)")
     x.add_argument("--checkpoint", required=True, help=ck)
     x.add_argument("--output", required=True, help="export folder")
     x.add_argument("--eval", default=None, metavar="DIR", help="tpdm-rl eval output to include in the model card")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
     x.set_defaults(func=cmd_export)

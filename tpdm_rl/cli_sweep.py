@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .sweep import budget_line, collect_report, report_table, run_sweep, write_report
-
 EXIT_FAIL = 1
 
 
 def _print_summary(report: dict, budget: float | None) -> None:
+    from .sweep import budget_line, report_table
+
     print()
     print(report_table(report))
     print(f"\nreport: {report['output']}/sweep.md, sweep.json, sweep_pareto.png")
@@ -24,6 +24,10 @@ def _print_summary(report: dict, budget: float | None) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .cli import _quiet_libraries
+    from .sweep import run_sweep
+
+    _quiet_libraries()
     report = run_sweep(args.output, args.config, args.set, args.grid, args.random, samples=args.samples,
                        log=args.log, max_concurrent=args.max_concurrent, resume=args.resume, address=args.address,
                        early_stop=args.early_stop, early_stop_metric=args.early_stop_metric,
@@ -41,6 +45,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from .sweep import collect_report, write_report
+
     report = collect_report(args.dir)
     write_report(args.dir, report, args.budget)
     _print_summary(report, args.budget)

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpdm_rl.rewards.registry import RewardError, reward_class, reward_options
-from tpdm_rl.utils import warn
+from tpdm_rl.console import warn
+from tpdm_rl.rewards.registry import RewardError, reward_info
 
 
 class ConfigError(ValueError):
@@ -216,7 +216,8 @@ class TrainConfig(_Strict):
 
     iterations: int = Field(30, ge=1, description="training iterations")
     device: str = Field("auto", description="learner device in one process: auto, cpu, cuda:N")
-    threads: int = Field(0, ge=0, description="torch threads in the controller process (0: the CPUs available)")
+    threads: int = Field(0, ge=0, description="torch threads in the controller process (0: auto, the CPUs idle "
+                         "when the run starts, with a passive OpenMP wait; docs/threads.md)")
 
 
 class CheckpointConfig(_Strict):
@@ -279,20 +280,20 @@ class Config(_Strict):
             raise ValueError("rewards: at least one reward component is needed")
         for name, spec in self.rewards.items():
             try:
-                reward_class(name)
+                info = reward_info(name)  # no import of the reward's module: config checks stay fast
             except RewardError as exc:
                 raise ValueError(f"rewards.{name}: {exc}") from None
             for key, value in (spec.model_extra or {}).items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ValueError(f"rewards.{name}.{key}: {value} is not a finite number")
-                if key not in reward_options(name):
+                if key not in info.options:
                     raise ValueError(f"rewards.{name}.{key}: unknown option for reward {name!r}; expected one of "
-                                     f"{sorted(reward_options(name) | {'weight', 'normalize'})}")
+                                     f"{sorted(info.options | {'weight', 'normalize'})}")
         if self.rollout.sigma_min >= self.rollout.sigma_max:
             raise ValueError("rollout.sigma_min must be below rollout.sigma_max")
         if self.step_penalty.mode in ("discount", "tpdm"):
             for name, spec in self.rewards.items():
-                if spec.normalize != "none" or spec.weight < 0 or not reward_class(name).nonnegative:
+                if spec.normalize != "none" or spec.weight < 0 or not reward_info(name).nonnegative:
                     raise ValueError(
                         f"step_penalty.mode {self.step_penalty.mode!r} multiplies the reward by a factor that falls "
                         "with the steps, which rewards MORE steps "
@@ -315,12 +316,15 @@ class Config(_Strict):
 
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if not loc:  # a whole-config check: its message already starts with the key path it is about
+        more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+        return f"config error: {msg}{more}".replace("\n", " ")
     got = err.get("input")
     tail = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
@@ -375,7 +379,8 @@ _DuplicateKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_T
 
 
 def read_yaml_file(p: Path) -> Any:
-    """The YAML in ``p``; keys given twice in one mapping are warned about (the last value wins)."""
+    """The YAML in ``p``; a key given twice in one mapping is an error (YAML would keep the last silently,
+    dropping e.g. a whole earlier ``train:`` section)."""
     text = p.read_text()
     loader = _DuplicateKeyLoader(text)
     loader.duplicates = []
@@ -383,9 +388,21 @@ def read_yaml_file(p: Path) -> Any:
         data = loader.get_single_data()
     finally:
         loader.dispose()
-    for key, line in loader.duplicates:
-        warn(f"{p}:{line}: key {key!r} is given twice in one section; the last value wins")
+    for key, line in loader.duplicates[:1]:
+        raise ConfigError(f"config error: {p}:{line}: key {key!r} is given twice in one section; expected each "
+                          "key once (merge the two entries)")
     return data
+
+
+def yaml_error(p: Path, exc: yaml.YAMLError) -> str:
+    """One line: where the YAML parser stopped, why, and where the construct it was reading began."""
+    mark, ctx = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    began = (f" ({context} at line {ctx.line + 1})" if context and ctx is not None and mark is not None
+             and ctx.line != mark.line else "")
+    return f"config error: {where}: not valid YAML: {problem}{began}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -403,9 +420,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 warn(f"config file {p} is empty: every setting is the default (tpdm-rl config --explain lists them)")
                 data = {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config error: {p}:{where} is not valid YAML") from exc
+            raise ConfigError(yaml_error(p, exc)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {p} must hold a mapping at the top level")
     data = apply_overrides(data, overrides or [])

@@ -36,7 +36,7 @@ from .objective import compose_reward, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler, load_prompts
 from .runfolder import RunFolder
-from .utils import FINAL_WINDOW, PhaseTimer, check_device, final_window, read_metrics, set_threads
+from .utils import FINAL_WINDOW, PhaseTimer, check_device, final_window, read_metrics, set_threads, warn
 
 
 @dataclass
@@ -114,11 +114,12 @@ class Controller:
     """Runs ``cfg.train.iterations`` iterations of the loop on an executor, with checkpoints and metrics."""
     def __init__(self, cfg: Config, output: str | Path | None = None, resume: str | None = None,
                  address: str | None = None, executor: Executor | None = None, overwrite: bool = False,
-                 allow_config_change: list[str] | tuple[str, ...] = ()) -> None:
+                 allow_config_change: list[str] | tuple[str, ...] = (), fresh_optimizer: bool = False,
+                 thread_role: str = "train") -> None:
         self.cfg = cfg
         self.output = Path(output or cfg.output)
         self.ckpt_root = self.output / "checkpoints"
-        self.threads = set_threads(cfg.train.threads)
+        self.threads = set_threads(cfg.train.threads, thread_role)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # start-up checks that must fail before anything is written: prompts, device, checkpoint, config changes
@@ -126,7 +127,17 @@ class Controller:
         self.sampler = PromptSampler(self.prompts, cfg.seed)
         for key in ("train.device", "backbone.device"):
             check_device(key, cfg.train.device if key == "train.device" else cfg.backbone.device)
+        if allow_config_change and not resume:
+            raise ConfigError(f"config error: --allow-config-change {' '.join(allow_config_change)} needs --resume "
+                              "(it accepts changes against the checkpoint being resumed)")
         ckpt = self._find_resume(resume)
+        if ckpt is not None and ckpt["optimizer"] is None:
+            if not fresh_optimizer:
+                raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} has no optimizer.pt: resuming it would "
+                                      "start a fresh optimizer and the weights would differ from an uninterrupted "
+                                      "run; pass --fresh-optimizer to accept that")
+            warn(f"resuming {ckpt['path']} with a fresh optimizer (--fresh-optimizer): the run will not match an "
+                 "uninterrupted one")
         changes = config_changes(ckpt["config_yaml"], cfg) if ckpt is not None else {}
         if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("config error: logging.wandb_project is set but wandb is not installed; "
@@ -158,6 +169,9 @@ class Controller:
                                      resume_from_iteration=self.start_iteration if ckpt is not None else None,
                                      wandb_id=ckpt["state"].get("wandb_run_id") if ckpt is not None else None)
         (self.output / "config.yaml").write_text(config_to_yaml(cfg))
+        if ckpt is None and self.folder.retried:
+            warn(f"{self.output}: the previous start failed before its first iteration; starting over in the same "
+                 "folder")
         if ckpt is None:
             self.folder.record("start", iterations=cfg.train.iterations, moved_previous_run_to=str(
                 self.folder.moved_to) if self.folder.moved_to else None)
@@ -252,8 +266,8 @@ class Controller:
             for it in bar:
                 try:
                     m = self.run_iteration(it)
-                except FatalRoleError:
-                    self.checkpoint(it)  # the state after the last completed iteration
+                except FatalRoleError as exc:
+                    exc.checkpointed = self.checkpoint(it)  # the state after the last completed iteration
                     raise
                 self.metrics.log(m)
                 records.append(m)

@@ -21,6 +21,7 @@ from .config import AlgorithmConfig, Config, LearnerGroupConfig, OptimConfig
 from .learner import Learner, minibatch_indices
 from .messages import LearnBatch, StepRows
 from .policy import TimePredictionModule, TPMSpec, build_policy
+from .threads import apply_threads
 
 
 def free_port() -> int:
@@ -155,7 +156,7 @@ def check_resumable(state: dict | None, zero_stage: int, num_ranks: int) -> str 
 class LearnerRank:
     """One rank of the learner group (wrapped with ``ray.remote`` by the Ray trainer)."""
     def __init__(self, rank: int, world: int, cfg_json: str, spec: dict, threads: int = 1) -> None:
-        torch.set_num_threads(threads)
+        apply_threads(threads, "actor")  # the thread policy (docs/threads.md)
         self.rank, self.world = rank, world
         self.cfg = Config.model_validate_json(cfg_json)
         self.spec = TPMSpec.from_dict(spec)

@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from .utils import warn
+from .console import warn
 
 __all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "load_prompts"]
 
@@ -204,6 +202,8 @@ class PromptSampler:
     def _permutation(self, epoch: int) -> list[int]:
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
+        import torch  # here, not at module level: `tpdm-rl config` validates prompts without loading torch
+
         gen = torch.Generator(device="cpu")
         gen.manual_seed(_epoch_seed(self.seed, epoch))
         perm = torch.randperm(len(self.prompts), generator=gen).tolist()

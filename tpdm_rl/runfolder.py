@@ -32,6 +32,17 @@ def holds_a_run(folder: Path) -> list[str]:
     return [e for e in RUN_ENTRIES if (folder / e).exists()]
 
 
+def completed_nothing(folder: Path) -> bool:
+    """True when the run in ``folder`` failed before its first iteration: no metrics record, no checkpoint.
+
+    Such a folder holds nothing to lose (its config and history only), so a retry may reuse it."""
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        return False
+    ckpts = folder / "checkpoints"
+    return not (ckpts.is_dir() and any(d.name.startswith("step_") for d in ckpts.iterdir()))
+
+
 class RunFolder:
     """Ownership of one run folder for the lifetime of a run."""
 
@@ -39,6 +50,7 @@ class RunFolder:
         self.path = Path(path)
         self._fh = None
         self.moved_to: Path | None = None
+        self.retried = False
 
     def acquire(self, resume: bool, overwrite: bool) -> RunFolder:
         p = self.path
@@ -64,6 +76,9 @@ class RunFolder:
                                  "choose another --output") from None
         self._fh = fh
         prior = holds_a_run(p)
+        if prior and not resume and not overwrite and completed_nothing(p):
+            self.retried = True  # the earlier start failed before its first iteration: nothing to keep
+            prior = []
         if prior and not resume:
             if not overwrite:
                 self.release()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .console import _WARNED, warn  # noqa: F401 - re-exported (warn lives where torch is not needed)
+from .threads import apply_threads, available_cpus  # noqa: F401 - re-exported
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -63,30 +65,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None =
     return DTYPES[name]
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (0 / None: the CPUs available) and return the number in use."""
-    n = int(threads) if threads else available_cpus()
-    torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
-# ---------------------------------------------------------------------------- messages
-_WARNED: set[str] = set()
-
-
-def warn(message: str) -> None:
-    """A one-line ``tpdm-rl: warning: ...`` on stderr, once per distinct message per process."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        print(f"tpdm-rl: warning: {message}", file=sys.stderr)
+def set_threads(threads: int | None, role: str = "train") -> int:
+    """Set torch's intra-op threads by the thread policy (``tpdm_rl.threads``); returns the number in use."""
+    return apply_threads(threads, role)
 
 
 # ---------------------------------------------------------------------------- files

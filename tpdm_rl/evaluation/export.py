@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
-from tpdm_rl.checkpoint import CheckpointError, read_tpm_file
+from tpdm_rl.checkpoint import CheckpointError, make_shareable, read_tpm_file
 from tpdm_rl.rollout.settings import EXPORT_CONFIG, locate_tpm, read_inference_settings, transformer_geometry
 
 
@@ -23,13 +23,30 @@ def find_eval_results(tpm_file: Path) -> Path | None:
     return next((c for c in cands if c.is_file()), None)
 
 
-def export_tpm(checkpoint: str | os.PathLike, output: str | os.PathLike, eval_dir: str | os.PathLike | None = None
-               ) -> Path:
-    """Write ``tpm.safetensors`` (with inference metadata) + ``tpdm_config.json`` + a ``README.md`` model card."""
+#: the files an export consists of (an existing one in --output means an earlier export)
+EXPORT_FILES = ("tpm.safetensors", EXPORT_CONFIG, "README.md", "eval_results.md")
+
+
+class ExportError(RuntimeError):
+    """The export folder cannot be used (one line naming it and what to do)."""
+
+
+def export_tpm(checkpoint: str | os.PathLike, output: str | os.PathLike, eval_dir: str | os.PathLike | None = None,
+               overwrite: bool = False) -> Path:
+    """Write ``tpm.safetensors`` (with inference metadata) + ``tpdm_config.json`` + a ``README.md`` model card.
+
+    An earlier export in ``output`` is refused unless ``overwrite``; then all its files are replaced or removed,
+    so no file of the previous model (``eval_results.md``) stays beside the new one."""
     tpm_file = locate_tpm(checkpoint)
     out = Path(output)
     if out.resolve() == tpm_file.parent.resolve():
         raise CheckpointError(f"export folder {str(out)!r} is the checkpoint folder itself; choose another --output")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--output {str(out)!r} is a file; expected an export folder")
+    earlier = [f for f in EXPORT_FILES if (out / f).exists()]
+    if earlier and not overwrite:
+        raise ExportError(f"--output {str(out)!r} holds an earlier export ({', '.join(earlier)}); pass --overwrite "
+                          "to replace it, or choose another folder")
     settings, spec = read_inference_settings(tpm_file)
     geo = transformer_geometry(settings.get("backbone_path") or "")
     if geo is not None:
@@ -53,9 +70,12 @@ def export_tpm(checkpoint: str | os.PathLike, output: str | os.PathLike, eval_di
         results_md = find_eval_results(tpm_file)
 
     out.mkdir(parents=True, exist_ok=True)
+    for f in earlier:  # --overwrite: nothing of the previous model may survive beside the new one
+        (out / f).unlink()
     new_meta = dict(meta)
     new_meta["inference"] = json.dumps(settings)
     save_file(tensors, str(out / "tpm.safetensors"), metadata=new_meta)
+    make_shareable(out / "tpm.safetensors")
     it = meta.get("iteration")
     cfg = {"format": "tpdm-rl/export", "version": 1, "source": str(tpm_file),
            "iteration": int(it) if it is not None and str(it).isdigit() else it,

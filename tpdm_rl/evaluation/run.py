@@ -20,6 +20,7 @@ import yaml
 from torchmetrics.functional import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
+from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.rewards.fidelity import psnr
 from tpdm_rl.rewards.registry import RewardError, build_reward
@@ -35,8 +36,11 @@ from .plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_
 from .report import results_markdown
 
 REFERENCE = Method("fixed", steps=28)
-DEFAULT_METHODS = "tpm,fixed:28,fixed:14,adaptive:0.01"
-DEFAULT_PARETO_STEPS = (4, 6, 8, 12, 16, 20, 28)
+#: written last by ``evaluate``: its absence marks an evaluation that did not finish
+COMPLETE = "COMPLETE"
+#: every file ``evaluate`` writes (an earlier evaluation's are removed before a new one starts)
+OUTPUT_FILES = ("results.json", "results.md", "schedules.png", "nfe_hist.png", "pareto.png", "grid.png",
+                "steps_vs_complexity.png", COMPLETE)
 EVAL_SEED = 0xE7A1
 
 
@@ -131,7 +135,8 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
              backbone: str | None = None, limit: int | None = None,
              pareto_steps: list[int] | tuple[int, ...] = DEFAULT_PARETO_STEPS, batch_size: int = 16,
              device: str = "auto", grid_prompts: int = 4, schedule_prompts: int = 8, progress: bool = True,
-             timing_repeats: int = 1, inference: str | None = None, tables: str | None = None) -> dict:
+             timing_repeats: int = 1, inference: str | None = None, tables: str | None = None,
+             overwrite: bool = False) -> dict:
     """Run every method on the same prompts and noises, score, and write the report files.
 
     ``inference`` (mode, mean or sample) overrides the TPM file's ``policy.inference``.
@@ -141,7 +146,12 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all
     methods, and reports the fastest wall clock (the outputs are deterministic; this only damps noise
     from other processes sharing the machine).
+
+    An ``output`` holding an earlier evaluation is refused unless ``overwrite`` (then its files are removed
+    first); ``COMPLETE`` is written last, so a folder without it is an interrupted evaluation.
     """
+    out_dir = Path(output)
+    check_output(out_dir, overwrite)
     table = parse_methods(methods)
     pareto = sorted({int(n) for n in pareto_steps})
     for n in pareto:
@@ -160,8 +170,9 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         prompt_list = prompt_list[:int(limit)]
     tpm_file = locate_tpm(checkpoint)
     reward_models = build_eval_rewards(reward_names, reward_options_for(tpm_file))
-    out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # the earlier evaluation's files (--overwrite): none may survive as if new
+        (out_dir / name).unlink(missing_ok=True)
 
     pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size,
                                         inference=inference)
@@ -273,7 +284,23 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     plot_grid(out_dir / "grid.png", results, shown, [prompt_list[items[j][0]] for j in grid_idx], grid_idx)
     if report["complexity"] is not None:
         plot_complexity(out_dir / "steps_vs_complexity.png", report)
+    (out_dir / COMPLETE).write_text(f"evaluation complete {report['created']}\n")  # last: marks a whole folder
     return report
+
+
+class EvalOutputError(RuntimeError):
+    """The eval output cannot be used (a file, or an earlier evaluation without overwrite)."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder holding an earlier evaluation unless ``overwrite`` (before any work)."""
+    if out.exists() and not out.is_dir():
+        raise EvalOutputError(f"--output {str(out)!r} is a file; expected a folder for results.json/.md and the "
+                              "figures")
+    earlier = [n for n in OUTPUT_FILES if (out / n).exists()] if out.is_dir() else []
+    if earlier and not overwrite:
+        raise EvalOutputError(f"--output {str(out)!r} holds an earlier evaluation ({', '.join(earlier[:3])}); pass "
+                              "--overwrite to replace it, or choose another folder")
 
 
 def compare_tpm(results: dict[str, MethodResult], tables: dict[int, str] | None = None) -> dict | None:

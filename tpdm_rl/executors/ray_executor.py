@@ -23,6 +23,7 @@ import torch
 
 from tpdm_rl.checkpoint import CheckpointError
 from tpdm_rl.config import Config
+from tpdm_rl.console import waiting
 from tpdm_rl.ds_learner import LearnerRank, check_resumable, merge_rank_states
 from tpdm_rl.messages import RolloutTask
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
@@ -86,7 +87,8 @@ class RayExecutor(Executor):
         # start-up checks: every actor must construct (bad reward checkpoint -> one-line RewardError)
         for name, pool in self.reward_pools.items():
             try:
-                ray.get([a.ping.remote() for a in pool.actors], timeout=timeout)
+                with waiting(f"starting {len(pool.actors)} reward[{name}] actor(s)"):
+                    ray.get([a.ping.remote() for a in pool.actors], timeout=timeout)
             except actor_error_types() as exc:
                 self.close()
                 raise RewardError(creation_error(exc)) from None
@@ -95,6 +97,8 @@ class RayExecutor(Executor):
                 raise FatalRoleError(f"reward[{name}] actors did not start within distributed.startup_timeout_s="
                                      f"{timeout:g}s") from None
         try:
+            with waiting(f"starting {rp.num_workers} rollout actor(s) (each loads the backbone)"):
+                ray.get([a.ping.remote() for a in self.rollout_pool.actors], timeout=timeout)
             spec = TPMSpec.from_dict(ray.get(self.rollout_pool.actors[0].spec.remote(), timeout=timeout))
             self._settings = ray.get(self.rollout_pool.actors[0].inference_settings.remote(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -121,9 +125,11 @@ class RayExecutor(Executor):
             for r in range(lg.num_ranks)]
         timeout = self.cfg.distributed.startup_timeout_s
         try:
-            addr, port = ray.get(self.learners[0].rendezvous.remote(), timeout=timeout)
-            weights = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
-            ray.get([a.setup.remote(addr, port, weights, optimizer_state) for a in self.learners], timeout=timeout)
+            with waiting(f"starting the learner group ({lg.num_ranks} DeepSpeed rank(s))"):
+                addr, port = ray.get(self.learners[0].rendezvous.remote(), timeout=timeout)
+                weights = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
+                ray.get([a.setup.remote(addr, port, weights, optimizer_state) for a in self.learners],
+                        timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise FatalRoleError(f"the learner group ({lg.num_ranks} ranks) did not start within "

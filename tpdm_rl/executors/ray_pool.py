@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tpdm_rl.console import waiting
 from tpdm_rl.resources import describe, shortfall, total
 
 from .base import FatalRoleError
 
-CONNECT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
@@ -29,29 +30,38 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
     if addr:  # a job's own runtime_env (working_dir, ...) is inherited as it is
         if addr not in ("auto",) and not addr.startswith("ray://"):
             _check_reachable(addr)
-        ray.init(address=addr, log_to_driver=False)
+        with waiting(f"connecting to the Ray cluster at {addr}"):
+            ray.init(address=addr, log_to_driver=False)
         return False
     # address="local": a new instance, never one recorded in /tmp/ray/ray_current_cluster by another user
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with waiting("starting a local Ray instance"):
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return True
+
+
+class RayAddressError(FatalRoleError):
+    """``--address`` is malformed or does not answer (nothing ran, so nothing was checkpointed)."""
 
 
 def _check_reachable(addr: str) -> None:
     """A TCP connect to the GCS address (host:port), so a wrong address fails fast."""
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise FatalRoleError(f"Ray address {addr!r} is not HOST:PORT (or 'auto' / ray://...)")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayAddressError(f"Ray address {addr!r} is not HOST:PORT (port 1-65535), 'auto' or ray://HOST:PORT")
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as exc:
-        raise FatalRoleError(f"cannot reach the Ray cluster at {addr!r} within {CONNECT_TIMEOUT_S:g}s: "
-                             f"{exc.strerror or exc}") from None
+        raise RayAddressError(f"cannot reach the Ray cluster at {addr!r} within {CONNECT_TIMEOUT_S:g}s: "
+                              f"{exc.strerror or exc}; expected the GCS address of a running cluster "
+                              "(ray start --head prints it)") from None
 
 
 def actor_env() -> dict:
     """Environment variables every actor gets (merged into the job's runtime_env)."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    # OMP_WAIT_POLICY must be set before torch loads in the actor process: the thread policy (docs/threads.md)
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     for k in ("HF_HUB_OFFLINE", "HF_HOME", "DS_ACCELERATOR"):
         if k in os.environ:
             env[k] = os.environ[k]
@@ -108,7 +118,8 @@ class Gang:
                   f"distributed.startup_timeout_s={timeout_s:g}s for the cluster to grow", file=sys.stderr)
         self.pg = placement_group(real, strategy="PACK")
         try:
-            ray.get(self.pg.ready(), timeout=timeout_s)
+            with waiting(f"reserving {len(real)} actor bundles ({describe(need)})"):
+                ray.get(self.pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.pg)
             self.pg = None

@@ -40,7 +40,7 @@ def _trainable(config: dict) -> None:
         return wall
 
     # a distributed trial joins this trial's Ray instance and placement group
-    trainer = Controller(cfg, output=trial_dir, resume="auto")
+    trainer = Controller(cfg, output=trial_dir, resume="auto", thread_role="sweep-trial")  # 0 threads -> 1
     save_info("running")
     log = trainer.metrics.log
     reported = []

@@ -1,0 +1,227 @@
+"""Issue 23's BAD and WEAK inputs: each is a one-line error naming the bad value (non-zero exit, no lost data)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from conftest import run_cli_in_process, small_overrides
+
+import tpdm_rl.checkpoint as checkpoint_mod
+from tpdm_rl.config import ConfigError, load_config
+from tpdm_rl.controller import Controller
+
+
+def _sets(over: list[str]) -> list[str]:
+    return [a for kv in over for a in ("--set", kv)]
+
+
+def _one_line(r, code=None) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("tpdm-rl: warning")]
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def _train_args(out, backbone, *extra, **over):
+    return ["train", "--config", "configs/tiny.yaml", "--output", str(out), *_sets(small_overrides(backbone, **over)),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone_dir):
+    """A finished 1-iteration run; tests copy it before they break it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = run_cli_in_process(*_train_args(out, tiny_backbone_dir, **{"train.iterations": 1}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _copy(trained, tmp_path, name="run"):
+    dst = tmp_path / name
+    shutil.copytree(trained, dst)
+    (dst / ".tpdm-rl.lock").unlink(missing_ok=True)
+    return dst
+
+
+def test_resume_without_optimizer_state_is_refused_unless_accepted(trained, tmp_path, tiny_backbone_dir):
+    run = _copy(trained, tmp_path)
+    (run / "checkpoints" / "step_1" / "optimizer.pt").unlink()
+    args = _train_args(run, tiny_backbone_dir, "--resume", "auto", **{"train.iterations": 2})
+    line = _one_line(run_cli_in_process(*args), 1)
+    assert "optimizer.pt" in line and "step_1" in line and "--fresh-optimizer" in line
+    r = run_cli_in_process(*args, "--fresh-optimizer")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fresh optimizer" in r.stderr
+
+
+def test_a_pickled_optimizer_state_is_refused_without_torchs_unsafe_advice(trained, tmp_path, tiny_backbone_dir):
+    run = _copy(trained, tmp_path)
+    torch.save({"state": {}, "hook": os.path.join}, run / "checkpoints" / "step_1" / "optimizer.pt")
+    line = _one_line(run_cli_in_process(*_train_args(run, tiny_backbone_dir, "--resume", "auto",
+                                                     **{"train.iterations": 2})), 1)
+    assert "optimizer.pt" in line and "holds pickled objects" in line and "nothing in it was run" in line
+    assert "weights_only" not in line and "can still be loaded" not in line and "trust the source" not in line
+
+
+def test_latest_pointing_into_another_run_is_refused(trained, tmp_path, tiny_backbone_dir):
+    other, run = _copy(trained, tmp_path, "other"), _copy(trained, tmp_path, "run")
+    (run / "checkpoints" / "latest").write_text("../../other/checkpoints/step_1\n")
+    line = _one_line(run_cli_in_process(*_train_args(run, tiny_backbone_dir, "--resume", "auto",
+                                                     **{"train.iterations": 2})), 1)
+    assert "latest" in line and "outside" in line and str(other.resolve()) in line
+
+
+def test_allow_config_change_without_resume_is_a_usage_error(tmp_path, tiny_backbone_dir):
+    line = _one_line(run_cli_in_process(*_train_args(tmp_path / "r", tiny_backbone_dir, "--allow-config-change",
+                                                     "optim.lr")), 2)
+    assert "--allow-config-change" in line and "--resume" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_and_export_weights_are_group_readable(trained, tmp_path):
+    old = os.umask(0o022)
+    try:
+        mode = stat.S_IMODE((trained / "checkpoints" / "step_1" / "tpm.safetensors").stat().st_mode)
+        assert mode == 0o644, oct(mode)
+        r = run_cli_in_process("export", "--checkpoint", str(trained), "--output", str(tmp_path / "exp"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert stat.S_IMODE((tmp_path / "exp" / "tpm.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_export_into_an_earlier_export_needs_overwrite_and_leaves_nothing_stale(trained, tmp_path):
+    exp = tmp_path / "exp"
+    assert run_cli_in_process("export", "--checkpoint", str(trained), "--output", str(exp)).returncode == 0
+    (exp / "eval_results.md").write_text("# results of the previous model\n")
+    before = (exp / "tpm.safetensors").read_bytes()
+    line = _one_line(run_cli_in_process("export", "--checkpoint", str(trained), "--output", str(exp)), 1)
+    assert "earlier export" in line and "--overwrite" in line and str(exp) in line
+    assert (exp / "tpm.safetensors").read_bytes() == before  # nothing replaced
+    r = run_cli_in_process("export", "--checkpoint", str(trained), "--output", str(exp), "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (exp / "eval_results.md").exists()  # the previous model's results are gone
+
+
+def test_a_full_disk_names_the_cause_and_keeps_the_last_checkpoint(tmp_path, tiny_backbone_dir, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):  # as torch does: the ENOSPC write error surfaces as "unexpected pos"
+        calls.append(f)
+        if len(calls) == 2:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 548288 vs 548176"
+                                   ) from None
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", save)
+    out = tmp_path / "run"
+    line = _one_line(run_cli_in_process(*_train_args(out, tiny_backbone_dir, **{"train.iterations": 2})), 1)
+    assert "No space left on device" in line and "step_2" in line and "unexpected pos" not in line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
+    assert not list((out / "checkpoints").glob(".step_*"))
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  iterations: 5\nseed: 1\ntrain:\n  threads: 1\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:4: key 'train' is given twice"):
+        load_config(f)
+
+
+def test_yaml_syntax_error_names_the_line_and_the_reason(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("seed: 0\ntrain:\n  iterations: 5\n  threads: [1, 2\ncheckpoint:\n  every: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "bad.yaml:5:" in msg and "expected ',' or ']'" in msg and "line 4" in msg, msg
+
+
+def test_empty_config_is_announced(tmp_path, capsys):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing yet\n")
+    load_config(f)
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_reward_option_error_names_the_option_not_root():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rewards.fidelity.bogus=1"])
+    assert str(e.value).startswith("config error: rewards.fidelity.bogus: unknown option"), str(e.value)
+
+
+def test_eval_output_that_is_a_file_or_an_earlier_eval_is_refused(trained, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("keep me\n")
+    line = _one_line(run_cli_in_process("eval", "--checkpoint", str(trained), "--output", str(f)), 1)
+    assert "is a file" in line and str(f) in line and f.read_text() == "keep me\n"
+    earlier = tmp_path / "ev"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}\n")
+    line = _one_line(run_cli_in_process("eval", "--checkpoint", str(trained), "--output", str(earlier)), 1)
+    assert "earlier evaluation" in line and "--overwrite" in line
+    assert (earlier / "results.json").read_text() == "{}\n"
+
+
+def test_an_eval_interrupted_while_plotting_has_no_completion_marker(trained, tmp_path, monkeypatch):
+    import tpdm_rl.evaluation.run as run_mod
+
+    args = ["eval", "--checkpoint", str(trained), "--output", str(tmp_path / "ev"), "--methods", "tpm,fixed:4",
+            "--pareto-steps", "4,8", "--limit", "2", "--no-progress", "--threads", "1"]
+    real = run_mod.plot_grid
+    monkeypatch.setattr(run_mod, "plot_grid", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    r = run_cli_in_process(*args)
+    assert r.returncode == 130 and (tmp_path / "ev" / "results.md").exists()
+    assert not (tmp_path / "ev" / "COMPLETE").exists()
+    monkeypatch.setattr(run_mod, "plot_grid", real)
+    r = run_cli_in_process(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ev" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("address,expect", [("not-an-address", "is not HOST:PORT"),
+                                            ("127.0.0.1:1", "cannot reach the Ray cluster")])
+def test_a_bad_ray_address_fails_fast_without_claiming_a_checkpoint(tmp_path, tiny_backbone_dir, address, expect):
+    pytest.importorskip("ray")
+    line = _one_line(run_cli_in_process(*_train_args(tmp_path / "r", tiny_backbone_dir, "--address", address)), 1)
+    assert expect in line and address in line and "checkpointed" not in line
+
+
+def test_make_toy_backbone_copy_failure_is_one_short_line(tmp_path, monkeypatch):
+    import tpdm_rl.rollout.toy_backbone as toy
+
+    def copytree(src, dst, **k):
+        raise shutil.Error([(f"{src}/f{i}", f"{dst}/f{i}", "[Errno 30] Read-only file system") for i in range(40)])
+
+    monkeypatch.setattr(toy.shutil, "copytree", copytree)
+    line = _one_line(run_cli_in_process("make-toy-backbone", str(tmp_path / "toy")), 1)
+    assert "Read-only file system" in line and str(tmp_path / "toy") in line and len(line) < 300, line
+
+
+def test_garbage_model_index_is_named(tmp_path):
+    from tpdm_rl.rollout.backbone import Backbone, BackboneError
+
+    (tmp_path / "model_index.json").write_text("this is not json")
+    with pytest.raises(BackboneError, match="model_index.json"):
+        Backbone(str(tmp_path), device="cpu")
+
+
+def test_a_run_that_failed_before_its_first_iteration_does_not_block_the_retry(tmp_path, tiny_backbone_dir,
+                                                                                  monkeypatch):
+    cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **{"train.iterations": 1}))
+    first = Controller(cfg, output=tmp_path / "run")
+    monkeypatch.setattr(Controller, "run_iteration", lambda self, it: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        first.train()
+    monkeypatch.undo()
+    r = run_cli_in_process(*_train_args(tmp_path / "run", tiny_backbone_dir, **{"train.iterations": 1}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "failed before its first iteration" in r.stderr

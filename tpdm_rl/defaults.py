@@ -1,0 +1,10 @@
+"""Defaults the command line shows in its help: kept here, free of heavy imports, so ``tpdm-rl --help`` is fast."""
+
+from __future__ import annotations
+
+#: ``tpdm-rl eval --methods`` default
+DEFAULT_METHODS = "tpm,fixed:28,fixed:14,adaptive:0.01"
+#: ``tpdm-rl eval --pareto-steps`` default: the fixed:N curve
+DEFAULT_PARETO_STEPS = (4, 6, 8, 12, 16, 20, 28)
+#: ``tpdm-rl make-random-backbone --preset`` choices
+PRESETS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
