@@ -157,11 +157,13 @@ def test_quiet_acceptance_now_warns(tmp_path, tiny_backbone_dir):
     dup.write_text("rollout:\n  group_size: 4\n  group_size: 6\n")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na cat\na cat\n")
-    for args, needle in (([ "--config", str(empty)], "is empty"), (["--config", str(dup)], "'group_size' is given twice"),
+    for args, needle in (([ "--config", str(empty)], "is empty"),
                          (["--config", "configs/tiny.yaml", "--set", f"rollout.prompts={prompts}"], "same prompt")):
         r = run_cli_in_process("config", *args)
         assert r.returncode == 0 and needle in r.stderr, r.stderr
-    assert load_config(str(dup)).rollout.group_size == 6
+    # a duplicate key is no longer a warning but an error naming the key and its line (tests/test_bad_inputs.py)
+    r = run_cli_in_process("config", "--config", str(dup))
+    assert r.returncode != 0 and "dup.yaml:3: key 'group_size' is given twice" in r.stderr, r.stderr
 
 
 def test_long_prompts_are_counted_once_and_a_foreign_backbone_warns(tmp_path, tiny_backbone_dir, capsys):

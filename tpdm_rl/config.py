@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tpdm_rl.console import warn
 from tpdm_rl.rewards.registry import RewardError, reward_info
+from tpdm_rl.rollout.tables import TableError, check_table
 
 
 class ConfigError(ValueError):
@@ -81,8 +82,6 @@ class PolicyConfig(_Strict):
     @model_validator(mode="after")
     def _alpha_beta_above_one(self) -> PolicyConfig:
         if self.action == "stop-ratio":
-            from tpdm_rl.rollout.tables import TableError, check_table
-
             try:
                 check_table(self.init_table, "init_table")
             except TableError as exc:
