@@ -102,7 +102,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from tpdm_rl.rewards import build_reward
-    from tpdm_rl.rewards.fixtures import make_all
+
+    from tpdm_rl.builders.reward_fixtures import make_all
 
     tmp = tempfile.TemporaryDirectory(prefix="tiny_rewards_")
     opts = make_all(Path(tmp.name), seed=0)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from tpdm_rl.rewards.composition import RewardSet
 from tpdm_rl.rewards.registry import RewardError, reward_class
 from tpdm_rl.rollout.rng import derive_key
-from tpdm_rl.rollout.worker import resolve_backbone_path
 
+from .builders.tiny_backbone import resolve_backbone_path
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_changes, config_to_yaml
 from .executors.base import Executor, FatalRoleError

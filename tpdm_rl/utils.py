@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+@contextmanager
+def replace_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; when the block ends it replaces ``final``, on an error it goes.
+
+    Why: a folder others read (a checkpoint, a built backbone) is either the old one or complete, never half
+    written, even when the writer is killed (its ``.NAME.tmpPID`` leftover is never read).
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:
