@@ -16,9 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
 from tpdm_rl.rewards.aesthetic import RewardMLP
 from tpdm_rl.rewards.hpsv2 import create_open_clip
-from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from .tiny_backbone import tiny_clip_tokenizer
 

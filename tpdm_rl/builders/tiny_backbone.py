@@ -21,9 +21,9 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tpdm_rl.rollout.toy import toy_backbone_path
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from tpdm_rl.rollout.toy import toy_backbone_path
 from tpdm_rl.utils import replace_folder
 
 from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
