@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler, Method
+from tpdm_rl.rollout.methods import Method
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.tables import load_family, shift_table, two_phase_table
 from tpdm_rl.rollout.toy import BUILTIN_TOY, TOY_MARKER, toy_backbone_path, toy_text_len
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     path = toy_backbone_path(args.backbone)
     text_len = toy_text_len(path) if (Path(path) / TOY_MARKER).is_file() else 77
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=text_len)
-    sampler = BaselineSampler(bb, 64, 64, batch_size=args.batch_size)
+    sampler = MethodSampler(bb, 64, 64, batch_size=args.batch_size)
     nfes = sorted({int(x) for x in args.nfe.split(",")})
     command = "python benchmarks/toy_headroom.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out: dict = {"command": command, "threads": threads, "machine": "2-core CPU (this project's development machine)",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
 from tpdm_rl.prompts import load_prompts
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
     prompts = load_prompts(args.prompts)
     levels = torch.tensor([parse_prompt(p).num_objects for p in prompts])
-    sampler = BaselineSampler(bb, 64, 64, batch_size=32)
+    sampler = MethodSampler(bb, 64, 64, batch_size=32)
     seeds = list(range(len(prompts)))
     out = {"backbone": path, "prompts": args.prompts, "num_prompts": len(prompts), "guidance_scale": args.guidance,
            "threads": threads, "command": " ".join(sys.argv), "steps": {}}

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler, Method
+from tpdm_rl.rollout.methods import Method
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
 from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = apply_threads(args.threads, "benchmark")
     path = toy_backbone_path(args.backbone)
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
-    sampler = BaselineSampler(bb, 64, 64, batch_size=32)
+    sampler = MethodSampler(bb, 64, 64, batch_size=32)
     if args.mode == "select":
         prompts = prompt_set(args.train_seed, args.train_count, "train")
     else:

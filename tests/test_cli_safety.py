@@ -128,8 +128,8 @@ def test_bad_paths_and_values_are_one_line_errors(tmp_path, tiny_backbone_dir):
                                     "--set", "train.device=cuda", *over), 2)
     ck = tmp_path / "ck"
     ck.mkdir()
-    from tpdm_rl.checkpoint import save_tpm
     from tpdm_rl.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.tpm_file import save_tpm
 
     save_tpm(TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16)), ck / "tpm.safetensors")
     (ck / "trainer_state.json").write_text("[1, 2]")
