@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--real-resolution", type=int, default=1024)
     ap.add_argument("--output", default="benchmarks/results/rewards.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    from tpdm_rl.threads import apply_threads
+
+    apply_threads(args.threads, "benchmark")
 
     from tpdm_rl.rewards import build_reward
 

@@ -33,6 +33,7 @@ from tpdm_rl.builders.random_backbone import (
     estimate,
     make_random_backbone,
 )
+from tpdm_rl.threads import apply_threads
 
 TINY = rb.shrunk_overrides(attention_head_dim=8, sample_size=8)
 
@@ -194,7 +195,7 @@ def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp
     from tpdm_rl.messages import LearnBatch, RolloutTask
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(2)
+    apply_threads(2)
     out = make_random_backbone(tmp_path / "sd3m", "sd3-medium", no_t5=True, dtype="bfloat16", seed=0, layers=2,
                                overrides={"text_encoder": {"num_hidden_layers": 1},
                                           "text_encoder_2": {"num_hidden_layers": 1}})

@@ -68,10 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.allow_config_change and not args.resume:
         raise UsageError(f"--allow-config-change {' '.join(args.allow_config_change)} needs --resume (it accepts "
                          "changes against the checkpoint being resumed)")
-    from .controller import (  # the Controller applies the thread policy (train.threads)
-        Controller,
-        write_summary,
-    )
+    from .controller import Controller  # the Controller applies the thread policy (train.threads)
+    from .summary import write_summary
 
     _quiet_libraries()
     output = Path(args.output or cfg.output)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .console import _WARNED, warn  # noqa: F401 - re-exported (warn lives where torch is not needed)
-from .threads import apply_threads, available_cpus  # noqa: F401 - re-exported
+from .threads import available_cpus  # noqa: F401 - re-exported
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -64,11 +64,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None =
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}")
     return DTYPES[name]
-
-
-def set_threads(threads: int | None, role: str = "train") -> int:
-    """Set torch's intra-op threads by the thread policy (``tpdm_rl.threads``); returns the number in use."""
-    return apply_threads(threads, role)
 
 
 # ---------------------------------------------------------------------------- files
