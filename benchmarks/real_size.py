@@ -61,18 +61,7 @@ GPU_PENDING = ("pending: run `python benchmarks/real_size.py --device cuda` on a
                "(512 and 1024 px, batch 1-16)")
 
 #: ``--smoke``: every width tiny (2 heads of 16 = hidden 32), so the script runs in about a minute on a CPU
-SMOKE_OVERRIDES = {
-    "transformer": {"num_attention_heads": 2, "attention_head_dim": 16, "caption_projection_dim": 32,
-                    "joint_attention_dim": 32, "pooled_projection_dim": 32, "pos_embed_max_size": 32,
-                    "sample_size": 16},
-    "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "projection_dim": 16},
-    "text_encoder_2": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "projection_dim": 16},
-    "text_encoder_3": {"d_model": 32, "d_ff": 32, "d_kv": 8, "num_heads": 4, "num_layers": 1,
-                       "relative_attention_num_buckets": 8},
-    "vae": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64},
-}
+SMOKE_HEAD_DIM = SMOKE_SAMPLE_SIZE = 16
 SMOKE_LAYERS = 2
 
 #: ImageReward v1.0: BLIP ViT-L/16 at 224 px (what ``vision_config_from_state`` reads off ImageReward.pt) and
@@ -135,17 +124,6 @@ def peak_memory(device: torch.device) -> dict:
                 "peak_memory_kind": "torch.cuda.max_memory_allocated"}
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_memory_kind": "ru_maxrss (process peak so far)"}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules directly in ``dtype`` (no float32 copy at real size)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def version_of(module: str) -> str | None:
@@ -228,13 +206,15 @@ def _ints(text: str) -> list[int]:
 
 def settings(args: argparse.Namespace, device: torch.device, cfg) -> dict:
     """Every knob of the run, device-dependent defaults filled in."""
+    from tpdm_rl.builders.random_backbone import shrunk_overrides
+
     gpu = device.type == "cuda"
     layers = args.layers if args.layers is not None else (SMOKE_LAYERS if args.smoke else None)
     out = args.out or (str(Path(tempfile.gettempdir()) / f"real_size_{device.type}_smoke.json") if args.smoke
                        else f"benchmarks/results/real_size_{device.type}.json")
     return {
         "preset": PRESET, "dtype": "bfloat16", "no_t5": not args.t5, "layers": layers, "smoke": args.smoke,
-        "overrides": SMOKE_OVERRIDES if args.smoke else {},
+        "overrides": shrunk_overrides(SMOKE_HEAD_DIM, SMOKE_SAMPLE_SIZE) if args.smoke else {},
         "resolutions": _ints(args.resolutions) or ([512, 1024] if gpu else [256]),
         "batch_sizes": _ints(args.batch_sizes) or ([1, 2, 4, 8, 16] if gpu else [1, 2]),
         "repeats": args.repeats or (2 if args.smoke else 3 if gpu else 1),
@@ -357,7 +337,8 @@ def measure_weight_sync(cfg, s: dict, hidden: int, n_blocks: int) -> dict:
 def build_backbone(s: dict, cfg, workdir: Path, device: torch.device) -> tuple[Any, dict]:
     """Write the random folder (bf16) and load it as the rollout workers do."""
     from tpdm_rl.rollout.backbone import Backbone
-    from tpdm_rl.rollout.random_backbone import configs, estimate, make_random_backbone
+
+    from tpdm_rl.builders.random_backbone import configs, estimate, make_random_backbone
 
     est = estimate(PRESET, no_t5=s["no_t5"], dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
     depth = configs(PRESET, no_t5=s["no_t5"], layers=s["layers"], overrides=s["overrides"])["transformer"][
@@ -382,8 +363,7 @@ def build_backbone(s: dict, cfg, workdir: Path, device: torch.device) -> tuple[A
 
 def _same_build(path: Path, s: dict) -> bool:
     """Whether ``path`` already holds the random backbone this run asks for (``--workdir`` reuse across runs)."""
-    from tpdm_rl.rollout.random_backbone import MARKER
-
+    from tpdm_rl.builders.random_backbone import MARKER
     from tpdm_rl.utils import read_json
 
     marker = read_json(path / MARKER)
@@ -397,7 +377,7 @@ def _same_build(path: Path, s: dict) -> bool:
 def measure_offload(bb, s: dict) -> dict:
     """Bytes the text-encoder offload frees on the accelerator (the estimate where nothing is freed: CPU, or T5
     not built)."""
-    from tpdm_rl.rollout.random_backbone import estimate
+    from tpdm_rl.builders.random_backbone import estimate
 
     full = estimate(PRESET, no_t5=False, dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -608,6 +588,8 @@ def bare_reward(cls: type, device: torch.device, batch: int, **attrs: Any):
 def random_open_clip(name: str, device: torch.device):
     from tpdm_rl.rewards.hpsv2 import create_open_clip
 
+    from tpdm_rl.builders.random_backbone import default_dtype
+
     with default_dtype(STORAGE_DTYPE):
         model = create_open_clip(name, "real_size benchmark")
     return model.to(device, STORAGE_DTYPE).eval().requires_grad_(False)
@@ -620,7 +602,7 @@ def build_hpsv2(device: torch.device, batch: int, smoke: bool):
 
     name = "ViT-H-14"
     if smoke:
-        from tpdm_rl.rewards.fixtures import register_tiny_open_clip
+        from tpdm_rl.builders.reward_fixtures import register_tiny_open_clip
         name = register_tiny_open_clip()
     model = random_open_clip(name, device)
     return name, bare_reward(HPSv2Reward, device, batch, model=model, model_name=name, version="v2.1",
@@ -634,7 +616,7 @@ def build_aesthetic(device: torch.device, batch: int, smoke: bool):
 
     name = "ViT-L-14-quickgelu"
     if smoke:
-        from tpdm_rl.rewards.fixtures import register_tiny_open_clip
+        from tpdm_rl.builders.reward_fixtures import register_tiny_open_clip
         name = register_tiny_open_clip()
     visual = random_open_clip(name, device).visual
     mlp = RewardMLP(int(visual.output_dim)).to(device, torch.float32).eval().requires_grad_(False)
@@ -644,9 +626,11 @@ def build_aesthetic(device: torch.device, batch: int, smoke: bool):
 
 def build_imagereward(device: torch.device, batch: int, smoke: bool):
     from tpdm_rl.rewards.aesthetic import RewardMLP
-    from tpdm_rl.rewards.fixtures import TINY_IR_MED, TINY_IR_VISION, tiny_bert_vocab
     from tpdm_rl.rewards.imagereward import ImageRewardReward, text_config_from_med
     from transformers import BertTokenizer, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from tpdm_rl.builders.random_backbone import default_dtype
+    from tpdm_rl.builders.reward_fixtures import TINY_IR_MED, TINY_IR_VISION, tiny_bert_vocab
 
     vocab = tiny_bert_vocab()  # token ids only: the real BERT vocabulary is not needed to time a forward
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
@@ -763,13 +747,13 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tpdm_rl.rollout.random_backbone import configs
-
+    from tpdm_rl.builders.random_backbone import configs
     from tpdm_rl.config import load_config
-    from tpdm_rl.utils import resolve_device, set_threads, write_json_atomic
+    from tpdm_rl.threads import apply_threads
+    from tpdm_rl.utils import resolve_device, write_json_atomic
 
     device = resolve_device(args.device)
-    set_threads(args.threads)
+    apply_threads(args.threads, "benchmark")
     cfg = load_config(CONFIG)
     s = settings(args, device, cfg)
     results: dict[str, Any] = {"environment": environment(device), "settings": s}

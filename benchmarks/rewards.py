@@ -99,10 +99,13 @@ def main() -> None:
     ap.add_argument("--real-resolution", type=int, default=1024)
     ap.add_argument("--output", default="benchmarks/results/rewards.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    from tpdm_rl.threads import apply_threads
+
+    apply_threads(args.threads, "benchmark")
 
     from tpdm_rl.rewards import build_reward
-    from tpdm_rl.rewards.fixtures import make_all
+
+    from tpdm_rl.builders.reward_fixtures import make_all
 
     tmp = tempfile.TemporaryDirectory(prefix="tiny_rewards_")
     opts = make_all(Path(tmp.name), seed=0)

@@ -47,12 +47,12 @@ def main() -> None:
     from tpdm_rl.rollout.engine import SamplingEngine
     from tpdm_rl.rollout.rng import derive_key
     from tpdm_rl.rollout.schedules import TPMSchedule
-    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
 
+    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
     from tpdm_rl.policy import TimePredictionModule, TPMSpec
-    from tpdm_rl.utils import set_threads
+    from tpdm_rl.threads import apply_threads
 
-    threads = set_threads(args.threads)  # before any torch work: the backbone load already uses the pool
+    threads = apply_threads(args.threads, "benchmark")  # before any torch work: the backbone load already uses the pool
     path = args.backbone or str(make_tiny_backbone(Path(tempfile.mkdtemp()) / "tiny", seed=0))
     bb = Backbone(path, device=args.device, feature_grid=8, max_sequence_length=32)
     torch.manual_seed(0)

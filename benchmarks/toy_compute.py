@@ -23,18 +23,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from diffusers import StableDiffusion3Pipeline
-from tpdm_rl.rollout.toy_backbone import (
-    BUILTIN_TOY,
+from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path
+
+from tpdm_rl.builders.toy_backbone import (
     ToyTrainSettings,
     encode_scenes,
     evaluate_quality,
     plot_loss,
-    shipped_toy_dir,
     train_transformer,
 )
-
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import prompt_set
-from tpdm_rl.utils import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         print(f"toy_compute: {str(out)!r} exists; choose a new --out", file=sys.stderr)
         return 2
-    threads = set_threads(args.threads)
-    src = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
+    threads = apply_threads(args.threads, "benchmark")
+    src = toy_backbone_path(args.backbone)
     t0 = time.perf_counter()
     pipe = StableDiffusion3Pipeline.from_pretrained(src)
     pipe.set_progress_bar_config(disable=True)

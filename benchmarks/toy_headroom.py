@@ -41,15 +41,16 @@ import numpy as np
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler, Method
+from tpdm_rl.rollout.methods import Method
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.tables import load_family, shift_table, two_phase_table
-from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, TOY_MARKER, shipped_toy_dir, toy_text_len
+from tpdm_rl.rollout.toy import BUILTIN_TOY, TOY_MARKER, toy_backbone_path, toy_text_len
 
 from tpdm_rl.evaluation.compare import at_equal_nfe
 from tpdm_rl.evaluation.run import noise_seed
 from tpdm_rl.prompts import load_prompts
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import MAX_OBJECTS, ambiguity, parse_prompt, prompt_set
-from tpdm_rl.utils import set_threads
 
 #: the candidate families of benchmarks/toy_tables.py; the two-phase tables take at most A_MAX steps to the knee
 #: (per NFE >= 4: 4 shift + 9 two-phase tables; 435 image-steps per training prompt over NFE 1..8)
@@ -196,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: the CPUs available)")
     ap.add_argument("--out", default="benchmarks/results/toy_headroom.json", help="results JSON")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
-    path = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
+    threads = apply_threads(args.threads, "benchmark")
+    path = toy_backbone_path(args.backbone)
     text_len = toy_text_len(path) if (Path(path) / TOY_MARKER).is_file() else 77
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=text_len)
-    sampler = BaselineSampler(bb, 64, 64, batch_size=args.batch_size)
+    sampler = MethodSampler(bb, 64, 64, batch_size=args.batch_size)
     nfes = sorted({int(x) for x in args.nfe.split(",")})
     command = "python benchmarks/toy_headroom.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out: dict = {"command": command, "threads": threads, "machine": "2-core CPU (this project's development machine)",

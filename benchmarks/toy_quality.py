@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler
-from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, shipped_toy_dir, toy_text_len
+from tpdm_rl.rollout.sampler import MethodSampler
+from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
 from tpdm_rl.prompts import load_prompts
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import parse_prompt
-from tpdm_rl.utils import set_threads
 
 BAR = {"1": 0.90, "2": 0.60}
 
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs available)")
     ap.add_argument("--out", default="benchmarks/results/toy_quality.json")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
-    path = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
+    threads = apply_threads(args.threads, "benchmark")
+    path = toy_backbone_path(args.backbone)
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
     prompts = load_prompts(args.prompts)
     levels = torch.tensor([parse_prompt(p).num_objects for p in prompts])
-    sampler = BaselineSampler(bb, 64, 64, batch_size=32)
+    sampler = MethodSampler(bb, 64, 64, batch_size=32)
     seeds = list(range(len(prompts)))
     out = {"backbone": path, "prompts": args.prompts, "num_prompts": len(prompts), "guidance_scale": args.guidance,
            "threads": threads, "command": " ".join(sys.argv), "steps": {}}

@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.baselines import BaselineSampler, Method
+from tpdm_rl.rollout.methods import Method
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
-from tpdm_rl.rollout.toy_backbone import BUILTIN_TOY, shipped_toy_dir, toy_text_len
+from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
 from tpdm_rl.evaluation.run import noise_seed
 from tpdm_rl.prompts import load_prompts
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import prompt_set
-from tpdm_rl.utils import set_threads
 
 #: the simple tables of issue 20's table (hand-made, not tuned on any prompt set)
 SIMPLE = {4: (1.0, 0.9, 0.75, 0.5, 0.0), 5: (1.0, 0.95, 0.9, 0.6, 0.3, 0.0),
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="select: write tpdm_rl/data/toy_tables.json")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/toy_tables_<mode>.json)")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
-    path = str(shipped_toy_dir()) if args.backbone == BUILTIN_TOY else args.backbone
+    threads = apply_threads(args.threads, "benchmark")
+    path = toy_backbone_path(args.backbone)
     bb = Backbone(path, device="cpu", guidance_scale=args.guidance, max_sequence_length=toy_text_len(path))
-    sampler = BaselineSampler(bb, 64, 64, batch_size=32)
+    sampler = MethodSampler(bb, 64, 64, batch_size=32)
     if args.mode == "select":
         prompts = prompt_set(args.train_seed, args.train_count, "train")
     else:

@@ -24,19 +24,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from tpdm_rl.checkpoint import load_tpm
+from tpdm_rl.tpm_file import checkpoint_error, load_tpm, locate_tpm, read_inference_settings
 from tpdm_rl.utils import DTYPES
 
 from .backbone import Backbone, BackboneError
-from .baselines import DEFAULT_MAX_SKIP, BaselineSampler, Method, parse_method
-from .settings import (
-    check_compatible,
-    checkpoint_error,
-    locate_tpm,
-    mismatch_error,
-    read_inference_settings,
-    transformer_geometry,
-)
+from .methods import DEFAULT_MAX_SKIP, Method, parse_method
+from .sampler import MethodSampler
+from .settings import check_compatible, mismatch_error, transformer_geometry
 
 
 @dataclass
@@ -64,7 +58,7 @@ class TPDMPipeline:
         self.tpm_path = tpm_path
         self.batch_size = int(batch_size)
         self.feature_dtype = DTYPES[self.settings.get("feature_dtype", "float32")]
-        self._samplers: dict[tuple[int, int], BaselineSampler] = {}
+        self._samplers: dict[tuple[int, int], MethodSampler] = {}
 
     @classmethod
     def from_pretrained(cls, backbone_path: str | os.PathLike | Backbone | None = None, tpm: str | os.PathLike | None
@@ -120,12 +114,12 @@ class TPDMPipeline:
     def resolution(self) -> int:
         return int(self.settings["resolution"])
 
-    def sampler(self, height: int | None = None, width: int | None = None, base_steps: int = 28) -> BaselineSampler:
-        """A :class:`BaselineSampler` with this TPM and its stopping rule (for any method string)."""
+    def sampler(self, height: int | None = None, width: int | None = None, base_steps: int = 28) -> MethodSampler:
+        """A :class:`MethodSampler` with this TPM and its stopping rule (for any method string)."""
         h, w = int(height or self.resolution), int(width or self.resolution)
         key = (h, w, int(base_steps))
         if key not in self._samplers:
-            self._samplers[key] = BaselineSampler(
+            self._samplers[key] = MethodSampler(
                 self.backbone, h, w, batch_size=self.batch_size, base_steps=base_steps, policy=self.policy,
                 sigma_min=float(self.settings["sigma_min"]), max_steps=int(self.settings["max_steps"]),
                 sigma_max=float(self.settings["sigma_max"]), feature_dtype=self.feature_dtype,

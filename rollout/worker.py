@@ -9,7 +9,6 @@ a task names the version it must run with, and a stale worker refuses it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
@@ -24,19 +23,7 @@ from .backbone import Backbone
 from .engine import ReferenceRequest, SamplingEngine
 from .schedules import TPMSchedule
 from .settings import inference_settings
-from .tiny_backbone import ensure_tiny_backbone
-from .toy_backbone import BUILTIN_TOY, shipped_toy_dir
 from .trajectory import Trajectories
-
-
-def resolve_backbone_path(path: str, tiny_dir: str | Path, tiny_seed: int, resolution: int) -> str:
-    """``builtin:toy``: the shipped trained toy backbone; empty: the tiny random backbone, built once in
-    ``tiny_dir``; anything else: a local diffusers folder or a hub id, as given."""
-    if path == BUILTIN_TOY:
-        return str(shipped_toy_dir())
-    if path:
-        return path
-    return str(ensure_tiny_backbone(tiny_dir, seed=tiny_seed, sample_size=min(resolution, 128)))
 
 
 class RolloutWorker:

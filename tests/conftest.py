@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
-    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
+    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 
     return str(make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"), seed=0, sample_size=128))
 

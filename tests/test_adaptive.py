@@ -13,6 +13,7 @@ from tpdm_rl.rollout.adaptive import (
 )
 from tpdm_rl.rollout.backbone import StepOutput
 from tpdm_rl.rollout.baselines import BaselineSampler, Method, adaptive_skip_mask, parse_method
+from tpdm_rl.rollout.sampler import MethodSampler
 
 STEPS = 16
 
@@ -173,6 +174,7 @@ def test_legacy_rule_is_unchanged():
     assert _replay(OfficialSkipRule(0.01, 4), seq)[0][3] == "C"
     # the old function name is the legacy rule
     assert adaptive_skip_mask is legacy_skip_mask
+    assert BaselineSampler is MethodSampler  # the deprecated name still works
 
 
 # ------------------------------------------------------------------ methods and the sampler
@@ -188,7 +190,7 @@ def test_method_strings():
 
 class _FakeBackbone:
     """An analytic 'transformer' (the velocity is a smooth function of x, sigma and a per-prompt scalar):
-    enough for BaselineSampler's skipping loop, and batch-invariant by construction."""
+    enough for MethodSampler's skipping loop, and batch-invariant by construction."""
 
     device = torch.device("cpu")
 

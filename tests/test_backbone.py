@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tpdm_rl.rollout.backbone import Backbone, BackboneError
-from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
+
+from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 
 
 def test_tiny_backbone_is_a_diffusers_sd3_folder_and_seeded(tmp_path, tiny_backbone_dir):

@@ -196,7 +196,7 @@ def test_a_bad_ray_address_fails_fast_without_claiming_a_checkpoint(tmp_path, ti
 
 
 def test_make_toy_backbone_copy_failure_is_one_short_line(tmp_path, monkeypatch):
-    import tpdm_rl.rollout.toy_backbone as toy
+    import tpdm_rl.builders.toy_backbone as toy
 
     def copytree(src, dst, **k):
         raise shutil.Error([(f"{src}/f{i}", f"{dst}/f{i}", "[Errno 30] Read-only file system") for i in range(40)])

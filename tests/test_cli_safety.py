@@ -128,8 +128,8 @@ def test_bad_paths_and_values_are_one_line_errors(tmp_path, tiny_backbone_dir):
                                     "--set", "train.device=cuda", *over), 2)
     ck = tmp_path / "ck"
     ck.mkdir()
-    from tpdm_rl.checkpoint import save_tpm
     from tpdm_rl.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.tpm_file import save_tpm
 
     save_tpm(TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16)), ck / "tpm.safetensors")
     (ck / "trainer_state.json").write_text("[1, 2]")
@@ -173,7 +173,7 @@ def test_long_prompts_are_counted_once_and_a_foreign_backbone_warns(tmp_path, ti
     bb.encode_prompts(["a cat", "a very long prompt " * 10, "another very long prompt " * 10])
     err = capsys.readouterr().err
     assert err.count("tpdm-rl: warning") == 1 and "2 of 3 prompts are longer" in err
-    from tpdm_rl.rollout.tiny_backbone import make_tiny_backbone
+    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 
     other = Backbone(str(make_tiny_backbone(tmp_path / "other", seed=1)), device="cpu", feature_grid=4)
     assert other.fingerprint() != bb.fingerprint() and bb.fingerprint() == Backbone(

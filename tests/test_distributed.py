@@ -227,8 +227,8 @@ def test_actor_that_keeps_dying_stops_the_run_with_a_checkpoint(ray_head, tiny_b
 def test_reward_actor_pools_per_component(ray_head, tiny_backbone_dir, tmp_path):
     import ray
     from tpdm_rl.rewards import RewardError
-    from tpdm_rl.rewards.fixtures import make_all
 
+    from tpdm_rl.builders.reward_fixtures import make_all
     from tpdm_rl.config import load_config
     from tpdm_rl.controller import Controller
 

@@ -8,11 +8,11 @@ import pytest
 from conftest import small_overrides
 from tpdm_rl.rewards.registry import BUILTIN_MODULES, reward_names
 
-from tpdm_rl import controller as controller_module
 from tpdm_rl.config import load_config
 from tpdm_rl.controller import Controller
 from tpdm_rl.metrics import METRICS, metric_info, metric_unit
 from tpdm_rl.reference import GENERATED, ROOT, config_markdown, main, stale
+from tpdm_rl.summary import summary_unit
 from tpdm_rl.utils import read_metrics
 
 #: catalogue keys an ordinary iteration without faults does not log
@@ -46,17 +46,19 @@ def test_config_reference_lists_resume_keys_and_reward_options():
 
 def test_every_key_a_real_iteration_logs_is_in_the_catalogue(tmp_path, tiny_backbone_dir):
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **{"train.iterations": 1}))
-    Controller(cfg, output=tmp_path / "run").train()
+    seen: list[tuple[int, dict]] = []
+    Controller(cfg, output=tmp_path / "run").train(on_iteration=lambda it, m: seen.append((it, m)))
     (rec,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [it for it, _ in seen] == [0] and seen[0][1]["reward/total"] == rec["reward/total"]  # the callback
     unknown = [k for k in rec if metric_info(k) is None]
     assert not unknown, f"metric keys missing from tpdm_rl/metrics.py METRICS: {unknown}"
     patterns = {metric_info(k).key.replace("fidelity", "<name>") for k in rec}
     never = [m.key for m in METRICS if m.key not in CONDITIONAL and m.key not in patterns]
     assert not never, f"catalogue keys an iteration did not log: {never}"
-    # the run summary's units (tpdm_rl/controller.py) agree with the catalogue
+    # the run summary's units (tpdm_rl/summary.py) agree with the catalogue
     for k in rec:
-        if controller_module.metric_unit(k):
-            assert metric_unit(k) == controller_module.metric_unit(k), k
+        if summary_unit(k):
+            assert metric_unit(k) == summary_unit(k), k
     assert metric_unit("reward/fidelity") == "dB" and metric_unit("time/reward_fidelity_s") == "s"
 
 

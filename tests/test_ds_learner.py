@@ -14,6 +14,7 @@ from tpdm_rl.config import load_config
 from tpdm_rl.learner import Learner
 from tpdm_rl.messages import LearnBatch
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.threads import apply_threads
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 def _rank_main(rank: int, world: int, port: int, cfg_json: str, weights: dict, iterations: list[int],
                opt_state: dict | None, queue) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    torch.set_num_threads(1)
+    apply_threads(1)
     from tpdm_rl.ds_learner import LearnerRank
 
     lr = LearnerRank(rank, world, cfg_json, SPEC.to_dict())
@@ -94,7 +95,7 @@ def _run_group(zero_stage: int, world: int, iterations: list[int], weights: dict
 
 
 def _single_process(iterations: list[int]) -> dict[str, torch.Tensor]:
-    torch.set_num_threads(1)  # as the ranks: the same kernels, the same summation order
+    apply_threads(1)  # as the ranks: the same kernels, the same summation order
     cfg = _config(0, 1)
     policy = TimePredictionModule(SPEC)
     policy.load_state_dict(_initial_weights())

@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_overrides
-from tpdm_rl.rollout.baselines import (
-    BaselineSampler,
-    Method,
-    MethodError,
-    adaptive_skip_mask,
-    parse_method,
-    parse_methods,
-)
+from tpdm_rl.rollout.baselines import adaptive_skip_mask
+from tpdm_rl.rollout.methods import Method, MethodError, parse_method, parse_methods
 from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rollout.sampler import MethodSampler
 
-from tpdm_rl.checkpoint import CheckpointError, save_tpm
 from tpdm_rl.cli import main
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.tpm_file import CheckpointError, save_tpm
 
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk", "a bowl of ramen", "a cat on a sofa",
            "a snowy mountain", "a blue bicycle"]
@@ -93,7 +88,7 @@ def test_bad_method_string_is_a_one_line_cli_error(capsys):
 
 # ------------------------------------------------------------------ samplers
 def test_adaptive_sampler_skips_different_steps_per_prompt(backbone):
-    s = BaselineSampler(backbone, 64, 64, batch_size=4)
+    s = MethodSampler(backbone, 64, 64, batch_size=4)
     seeds = [derive_key(5, i) for i in range(len(PROMPTS))]
     out = s.run("adaptive:0.01", PROMPTS, seeds)
     assert out.steps.tolist() == [28] * len(PROMPTS)
@@ -126,7 +121,7 @@ def test_adaptive_sampler_skips_different_steps_per_prompt(backbone):
 
 
 def test_fixed_method_reproduces_diffusers_pipeline(backbone):
-    s = BaselineSampler(backbone, 64, 64, batch_size=2)
+    s = MethodSampler(backbone, 64, 64, batch_size=2)
     out = s.run("fixed:6", PROMPTS[:2], [11, 12])
     assert out.nfe.tolist() == [6, 6] and len(out.sigmas[0]) == 7
     for i, seed in enumerate((11, 12)):
@@ -141,7 +136,7 @@ def test_tpm_adaptive_without_skips_is_the_tpm(backbone):
                    init_ratio=0.6, init_concentration=4.0)
     torch.manual_seed(0)
     policy = TimePredictionModule(spec).eval()
-    s = BaselineSampler(backbone, 64, 64, batch_size=4, policy=policy, max_steps=15)
+    s = MethodSampler(backbone, 64, 64, batch_size=4, policy=policy, max_steps=15)
     seeds = [derive_key(9, i) for i in range(4)]
     tpm = s.run("tpm", PROMPTS[:4], seeds)
     same = s.run("tpm+adaptive:0.01:0", PROMPTS[:4], seeds)
@@ -163,19 +158,19 @@ def test_tpm_inference_mode_mean_and_sample(backbone):
     torch.manual_seed(0)
     policy = TimePredictionModule(spec).eval()
     seeds = [derive_key(11, i) for i in range(4)]
-    runs = {m: BaselineSampler(backbone, 64, 64, batch_size=4, policy=policy, max_steps=15, inference=m)
+    runs = {m: MethodSampler(backbone, 64, 64, batch_size=4, policy=policy, max_steps=15, inference=m)
             .run("tpm", PROMPTS[:4], seeds) for m in ("mode", "mean", "sample")}
     first = {m: torch.stack([sg[1] for sg in r.sigmas]) for m, r in runs.items()}  # sigma after step 0 (sigma0 = 1)
     a, b = torch.tensor(0.6 * 4.0), torch.tensor(0.4 * 4.0)  # the untrained TPM's Beta (init bias, near-zero weights)
     assert first["mode"] == pytest.approx(torch.full((4,), float(beta_mode(a, b))), abs=0.02)
     assert first["mean"] == pytest.approx(torch.full((4,), 0.6), abs=0.02)
     assert first["sample"].std() > 0.01  # draws differ between images
-    again = BaselineSampler(backbone, 64, 64, batch_size=2, policy=policy, max_steps=15, inference="sample")
+    again = MethodSampler(backbone, 64, 64, batch_size=2, policy=policy, max_steps=15, inference="sample")
     alone = again.run("tpm", PROMPTS[2:3], seeds[2:3])
     torch.testing.assert_close(alone.sigmas[0], runs["sample"].sigmas[2])
     assert alone.steps.tolist() == runs["sample"].steps[2:3].tolist()
     with pytest.raises(MethodError, match="inference"):
-        BaselineSampler(backbone, 64, 64, policy=policy, inference="median")
+        MethodSampler(backbone, 64, 64, policy=policy, inference="median")
 
 
 # ------------------------------------------------------------------ eval / sample / export end to end

@@ -3,7 +3,8 @@
 Layers, bottom to top (docs/design.md, "Layers"):
 0 foundation: config, validated settings and shared helpers, the reward registry, the toy world, RNG
 1 algorithm: policy, objective, typed messages, sampling engine, schedules, flow step, trajectories
-2 roles: backbone, rollout worker, samplers, rewards, learners, checkpoints, metrics, resources
+2 roles: backbone, rollout worker, samplers, rewards, learners, checkpoints, metrics, resources; and the
+  builders of the tiny, toy and random backbones and the reward fixtures (``tpdm_rl.builders``)
 3 controller and executors
 4 applications: CLI, evaluation, export, sweeps
 """
@@ -21,21 +22,26 @@ LAYERS: dict[str, int] = {
     "tpdm_rl.rewards.registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
     "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,
-    "tpdm_rl.rollout.adaptive": 1,
-    "tpdm_rl.rollout.backbone": 2, "tpdm_rl.rollout.worker": 2, "tpdm_rl.rollout.baselines": 2,
-    "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.tiny_backbone": 2,
-    "tpdm_rl.rollout.toy_backbone": 2, "tpdm_rl.rollout.random_backbone": 2, "tpdm_rl.rewards.*": 2,
-    "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.metrics": 2,
+    "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.rollout.methods": 1,
+    "tpdm_rl.rollout.backbone": 2, "tpdm_rl.rollout.worker": 2, "tpdm_rl.rollout.baselines": 2, "tpdm_rl.rollout.sampler": 2,
+    "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.toy": 0, "tpdm_rl.rewards.*": 2,
+    "tpdm_rl.builders": 2, "tpdm_rl.builders.*": 2,
+    "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.tpm_file": 2, "tpdm_rl.metrics": 2,
+    "tpdm_rl.summary": 2,
     "tpdm_rl.resources": 2,
     "tpdm_rl.controller": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
-    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4, "tpdm_rl.reference": 4,
+    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_make": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4, "tpdm_rl.reference": 4,
     "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4, "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
 }
 #: the only packages a function may import lazily: optional heavy dependencies, and torch (the thread policy
 #: must run before it loads; prompts are validated without it)
 LAZY_ALLOWED = ("ray", "deepspeed", "open_clip", "wandb", "torch")
 #: the command-line modules import everything heavy inside their commands: --help and config errors stay fast
-LAZY_ENTRY_MODULES = ("tpdm_rl.cli", "tpdm_rl.cli_eval", "tpdm_rl.cli_sweep", "tpdm_rl.cli_config")
+LAZY_ENTRY_MODULES = ("tpdm_rl.cli", "tpdm_rl.cli_eval", "tpdm_rl.cli_sweep", "tpdm_rl.cli_config", "tpdm_rl.cli_make")
+#: runtime packages -> the packages they must never import: rollout/ and rewards/ stand side by side, and neither
+#: depends on the code that builds test and demo models
+SEPARATE: dict[str, tuple[str, ...]] = {"tpdm_rl.rollout": ("tpdm_rl.rewards", "tpdm_rl.builders"),
+                                        "tpdm_rl.rewards": ("tpdm_rl.rollout", "tpdm_rl.builders")}
 
 
 def layer_of(module: str) -> int:
@@ -114,6 +120,39 @@ def test_lower_layers_never_import_higher_ones():
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {name} (layer {mine}) imports {target} "
                            f"(layer {layer_of(target)})")
     assert not bad, "\n".join(bad)
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def separation_violations(mods: dict[str, tuple[Path, bool]]) -> list[str]:
+    """Imports (top-level or inside functions) from rollout/ or rewards/ into each other or into the builders."""
+    bad = []
+    for name, (path, is_pkg) in mods.items():
+        for package, forbidden in SEPARATE.items():
+            if not _inside(name, package):
+                continue
+            found: dict[int, str] = {}  # line -> the module it imports (one entry per import statement)
+            for target, line, _ in imports_of(name, path, is_pkg):
+                if any(_inside(target, f) for f in forbidden):
+                    found.setdefault(line, target)
+            bad += [f"{path}:{line}: {name} imports {target}" for line, target in sorted(found.items())]
+    return bad
+
+
+def test_rollout_and_rewards_import_neither_each_other_nor_a_builder():
+    bad = separation_violations(modules())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_separation_check_sees_a_violation(tmp_path):
+    """Not vacuous: a rollout module importing a reward, or a reward module importing a builder, is found."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from tpdm_rl.rewards.shapes import analyse\n")
+    b.write_text("def f():\n    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone\n")
+    bad = separation_violations({"tpdm_rl.rollout.x": (a, False), "tpdm_rl.rewards.y": (b, False)})
+    assert len(bad) == 2, bad
 
 
 def test_function_local_imports_only_for_optional_heavy_dependencies():

@@ -11,12 +11,13 @@ import pytest
 
 SCRIPT = r"""
 import json, resource, sys, torch
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.config import AlgorithmConfig, OptimConfig
 from tpdm_rl.learner import Learner
 from tpdm_rl.messages import LearnBatch
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 
-torch.set_num_threads(1)
+apply_threads(1)
 rows, minibatches = int(sys.argv[1]), int(sys.argv[2])
 spec = TPMSpec(in_channels=384, temb_dim=64, grid=16, hidden=16, init_ratio=0.7, init_concentration=10.0)
 learner = Learner(TimePredictionModule(spec), OptimConfig(lr=1e-4), AlgorithmConfig(epochs=2, minibatches=minibatches),

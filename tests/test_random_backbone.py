@@ -22,9 +22,10 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors import safe_open
-from tpdm_rl.rollout import random_backbone as rb
 from tpdm_rl.rollout.backbone import null_components
-from tpdm_rl.rollout.random_backbone import (
+
+from tpdm_rl.builders import random_backbone as rb
+from tpdm_rl.builders.random_backbone import (
     MARKER,
     PresetError,
     RandomBackboneError,
@@ -32,19 +33,9 @@ from tpdm_rl.rollout.random_backbone import (
     estimate,
     make_random_backbone,
 )
+from tpdm_rl.threads import apply_threads
 
-TINY = {
-    "transformer": {"num_attention_heads": 2, "attention_head_dim": 8, "caption_projection_dim": 16,
-                    "joint_attention_dim": 32, "pooled_projection_dim": 32, "pos_embed_max_size": 16,
-                    "sample_size": 8},
-    "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "projection_dim": 16},
-    "text_encoder_2": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "projection_dim": 16},
-    "text_encoder_3": {"d_model": 32, "d_ff": 32, "d_kv": 8, "num_heads": 4, "num_layers": 1,
-                       "relative_attention_num_buckets": 8},
-    "vae": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64},
-}
+TINY = rb.shrunk_overrides(attention_head_dim=8, sample_size=8)
 
 
 def _params(est, name):
@@ -204,7 +195,7 @@ def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp
     from tpdm_rl.messages import LearnBatch, RolloutTask
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(2)
+    apply_threads(2)
     out = make_random_backbone(tmp_path / "sd3m", "sd3-medium", no_t5=True, dtype="bfloat16", seed=0, layers=2,
                                overrides={"text_encoder": {"num_hidden_layers": 1},
                                           "text_encoder_2": {"num_hidden_layers": 1}})

@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import small_overrides
 from tpdm_rl.rewards import RewardError
-from tpdm_rl.rewards.fixtures import make_all
 
+from tpdm_rl.builders.reward_fixtures import make_all
 from tpdm_rl.config import load_config
 from tpdm_rl.controller import Controller
 from tpdm_rl.utils import read_metrics

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tpdm_rl.rewards import RewardError, build_reward, reward_options
-from tpdm_rl.rewards.fixtures import make_all, register_tiny_open_clip
+
+from tpdm_rl.builders.reward_fixtures import make_all, register_tiny_open_clip
+from tpdm_rl.threads import apply_threads
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,9 +27,9 @@ MODEL_REWARDS = ("hpsv2", "aesthetic", "pickscore", "clip_score", "imagereward")
 def _one_thread():
     # tiny models: thread start-up costs more than it saves (and the 2-core CI box is shared)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    apply_threads(1)
     yield
-    torch.set_num_threads(threads)
+    apply_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +345,7 @@ def test_hpsv2_without_checkpoint_offline_names_hub_file(monkeypatch) -> None:
 
 
 def test_wrong_model_for_checkpoint_fails_loudly(tiny, tmp_path) -> None:
-    from tpdm_rl.rewards.fixtures import TINY_OPEN_CLIP_CONFIG
+    from tpdm_rl.builders.reward_fixtures import TINY_OPEN_CLIP_CONFIG
 
     cfg = json.loads(json.dumps(TINY_OPEN_CLIP_CONFIG))
     cfg["vision_cfg"]["layers"] = 3

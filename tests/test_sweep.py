@@ -18,6 +18,7 @@ from tpdm_rl.config import load_config
 from tpdm_rl.resources import trial_bundles
 from tpdm_rl.sweep.plan import SweepError, expand_trials, parse_grid, parse_random, plan_sweep
 from tpdm_rl.sweep.report import best_under_budget, pareto_front
+from tpdm_rl.sweep.tune import PROGRESS_EVERY_S, TrialProgress
 
 SWEEP_ITERS = 8
 FID_WEIGHTS = ("1.0",)  # one weight: the grid still has two axes, and 2 trials keep the suite short
@@ -86,6 +87,34 @@ def test_placement_bundles_follow_the_actor_pools():
     total_gpu = sum(b.get("GPU", 0.0) for b in trial_bundles(sd3))
     assert total_gpu == 8.0  # one 8-GPU node per trial
     assert trial_bundles(load_config("configs/tiny.yaml")) == [{"CPU": 1.0}]
+
+
+def test_a_running_trial_says_what_it_waits_for_at_least_every_15_s():
+    """Issue 23: no trial is silent for more than 15 s (Tune ticks the progress about once a second)."""
+    now = [0.0]
+    lines: list[str] = []
+    progress = TrialProgress(lines.append, clock=lambda: now[0])
+    progress.started("a", 4)
+    assert lines == ["trial a: started; waiting for iteration 1/4 (start-up: backbone, workers, learner)"]
+    said = [0.0]  # when a line was printed
+    for t in range(1, 61):  # one minute of ticks; iterations 1 and 2 finish at 20 s and 21 s
+        now[0] = float(t)
+        n = len(lines)
+        if t in (20, 21):
+            progress.result("a", t - 19, {"reward/total": 0.5, "steps/mean": 6.0})
+        progress.tick()
+        if len(lines) > n:
+            said.append(now[0])
+    gaps = [b - a for a, b in zip(said, said[1:])]
+    assert max(gaps) <= PROGRESS_EVERY_S + 1 <= 15, (gaps, lines)
+    assert "trial a: waiting for start-up and iteration 1/4 (10 s so far)" in lines
+    assert any(ln.startswith("trial a: waiting for iteration 3/4") and "reward/total 0.500, steps/mean 6.000" in ln
+               for ln in lines), lines
+    progress.ended("a")
+    n = len(lines)
+    now[0] += 100
+    progress.tick()
+    assert len(lines) == n  # an ended trial says nothing more
 
 
 def test_pareto_front_and_budget():

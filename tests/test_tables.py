@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from conftest import small_overrides
-from tpdm_rl.rollout.baselines import BaselineSampler, Method, MethodError, parse_method, parse_methods
+from tpdm_rl.rollout.methods import Method, MethodError, parse_method, parse_methods
+from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.tables import TableError, check_table, load_family, shift_table, two_phase_table
 
 from tpdm_rl.cli import main
@@ -70,7 +71,7 @@ def test_family_file_errors(tmp_path):
 
 
 def test_sigmas_method_follows_its_table_exactly(backbone):
-    sampler = BaselineSampler(backbone, 64, 64, batch_size=4)
+    sampler = MethodSampler(backbone, 64, 64, batch_size=4)
     m = Method.sigmas((1.0, 0.9, 0.75, 0.5, 0.0))
     out = sampler.run(m, PROMPTS, [1, 2, 3])
     assert out.nfe.tolist() == [4, 4, 4]

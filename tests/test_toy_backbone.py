@@ -11,15 +11,14 @@ import pytest
 import torch
 from conftest import run_cli_in_process
 from diffusers import StableDiffusion3Pipeline
-from tpdm_rl.rollout.toy_backbone import (
+from tpdm_rl.rollout.toy import shipped_toy_dir, toy_text_len
+
+from tpdm_rl.builders.toy_backbone import (
     TEXT_LEN,
     ToyTrainSettings,
     build_tokenizers,
-    shipped_toy_dir,
-    toy_text_len,
     train_toy_backbone,
 )
-
 from tpdm_rl.cli import closing_evaluation
 from tpdm_rl.config import load_config
 from tpdm_rl.controller import Controller
@@ -117,7 +116,7 @@ def test_two_iteration_tpm_run_on_the_toy_backbone(tmp_path):
 def test_training_and_inference_shifts_are_settings():
     """``train_shift`` moves the training density (SD3's shift 3: most draws at high noise; 1.0: centred on 0.5);
     ``shift`` is the shipped scheduler's inference shift."""
-    from tpdm_rl.rollout.toy_backbone import (
+    from tpdm_rl.builders.toy_backbone import (
         ToyTrainSettings,
         build_toy_pipeline,
         training_scheduler,

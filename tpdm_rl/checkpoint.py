@@ -1,97 +1,30 @@
-"""Checkpoints: ``DIR/checkpoints/step_<N>/`` written to a temporary folder and renamed, then the
-``latest`` marker (a text file naming the newest complete checkpoint) written last, atomically.
+"""Checkpoint folders: ``DIR/checkpoints/step_<N>/`` written to a temporary folder and renamed, then the
+``latest`` marker (a text file naming the newest complete checkpoint) written last, atomically; and what
+resuming one needs the user's consent for.
 
-Only safe formats are read back: safetensors for weights, ``torch.load(weights_only=True)`` for
-optimiser state, JSON/YAML for the rest.
+Only safe formats are read back: safetensors for weights (the TPM file format is ``tpdm_rl/tpm_file.py``),
+``torch.load(weights_only=True)`` for optimiser state, JSON/YAML for the rest.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from .console import disk_full
-from .policy import TimePredictionModule, TPMSpec
+from .config import Config, ConfigError, config_changes
+from .console import disk_full, warn
+from .policy import TimePredictionModule
+from .tpm_file import TPM_FILE, CheckpointError, load_tpm, save_tpm
+from .utils import replace_folder, write_text_atomic
 
-TPM_FILE = "tpm.safetensors"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 CONFIG_FILE = "config.yaml"
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt (one-line message naming the path)."""
-
-
-def save_tpm(policy: TimePredictionModule, path: str | os.PathLike, extra_meta: dict | None = None) -> None:
-    """TPM weights + a self-describing spec (which blocks, sizes) in the safetensors metadata."""
-    meta = {"format": "tpdm-rl/tpm", "tpm_spec": json.dumps(policy.spec.to_dict())}
-    for k, v in (extra_meta or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
-    make_shareable(path)
-
-
-def make_shareable(path: str | os.PathLike) -> None:
-    """Give a file the mode an ordinary ``open`` would (0644 under umask 022).
-
-    Why: safetensors writes its files with mode 0600, so a checkpoint or export could not be shared with
-    the group like every other file of a run."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def read_tpm_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"TPM weights {str(p)!r} do not exist")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"TPM weights {str(p)!r} are corrupt or not safetensors ({exc})") from None
-    if "tpm_spec" not in meta:
-        raise CheckpointError(f"TPM weights {str(p)!r} carry no tpm_spec metadata: not a tpdm-rl TPM file")
-    return tensors, meta
-
-
-def load_tpm(path: str | os.PathLike, device: str | torch.device = "cpu") -> TimePredictionModule:
-    """Rebuild a TPM from a ``tpm.safetensors`` file or a checkpoint/export folder containing one."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / TPM_FILE
-    tensors, meta = read_tpm_file(p)
-    spec = TPMSpec.from_dict(json.loads(meta["tpm_spec"]))
-    policy = TimePredictionModule(spec)
-    try:
-        policy.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(f"TPM weights {str(p)!r} do not match their spec: {str(exc).splitlines()[0]}") from None
-    return policy.to(device)
-
-
-def read_tpm_meta(path: str | os.PathLike) -> dict[str, str]:
-    p = Path(path)
-    return read_tpm_file(p / TPM_FILE if p.is_dir() else p)[1]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModule, optimizer_state: dict | None,
@@ -101,26 +34,21 @@ def save_checkpoint(ckpt_root: Path, iteration: int, policy: TimePredictionModul
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{iteration}"
     final = ckpt_root / name
-    tmp = ckpt_root / f".{name}.tmp{os.getpid()}"
     for stale in ckpt_root.glob(".step_*.tmp*"):  # half-written by a writer that was killed; never read
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIM_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
+        with replace_folder(final) as tmp:
+            save_tpm(policy, tmp / TPM_FILE, {"iteration": iteration, **(tpm_meta or {})})
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / OPTIM_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            for fname, data in (extra_files or {}).items():
+                (tmp / fname).write_bytes(data)
     except (OSError, RuntimeError) as exc:  # ``latest`` still names the previous complete checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(exc) is not None or _no_space(ckpt_root):  # torch reports ENOSPC as "unexpected pos N vs M"
             raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     write_text_atomic(ckpt_root / LATEST, name + "\n")
     steps = sorted((int(d.name.split("_", 1)[1]), d) for d in ckpt_root.iterdir()
                    if d.is_dir() and d.name.startswith("step_") and d.name.split("_", 1)[1].isdigit())
@@ -182,3 +110,29 @@ def load_checkpoint(path: Path) -> dict:
                                   "pass --fresh-optimizer") from None
     cfg = (path / CONFIG_FILE).read_text() if (path / CONFIG_FILE).is_file() else ""
     return {"policy": policy, "optimizer": optim, "state": state, "config_yaml": cfg, "path": path}
+
+
+def resume_consent(ckpt: dict | None, cfg: Config, allow_config_change: list[str] | tuple[str, ...] = (),
+                   fresh_optimizer: bool = False) -> dict[str, tuple]:
+    """The config changes of resuming ``ckpt`` with ``cfg``, once the user has accepted each one that matters.
+
+    Why: a resumed run should match an uninterrupted one. A missing optimizer state needs ``--fresh-optimizer``
+    and a changed objective or trajectory key needs ``--allow-config-change KEY``; anything else is refused with
+    one line that names the flag (``RESUME_FREE_KEYS`` in config.py may change freely).
+    """
+    if ckpt is None:
+        return {}
+    if ckpt["optimizer"] is None:
+        if not fresh_optimizer:
+            raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} has no optimizer.pt: resuming it would "
+                                  "start a fresh optimizer and the weights would differ from an uninterrupted "
+                                  "run; pass --fresh-optimizer to accept that")
+        warn(f"resuming {ckpt['path']} with a fresh optimizer (--fresh-optimizer): the run will not match an "
+             "uninterrupted one")
+    changes = config_changes(ckpt["config_yaml"], cfg)
+    refused = {k: v for k, v in changes.items() if k not in allow_config_change}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"config error: resuming {str(ckpt['path'])!r} with a different objective or "
+                          f"trajectories ({listed}); pass --allow-config-change {' '.join(refused)} to accept")
+    return changes

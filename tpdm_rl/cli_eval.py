@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise _OptionError(f"--limit must be >= 1, got {args.limit}")
     _check_threads(args.threads)
     apply_threads(args.threads, "eval")
-    from tpdm_rl.rollout.baselines import parse_methods
+    from tpdm_rl.rollout.methods import parse_methods
 
     from .cli import _quiet_libraries
     from .evaluation import evaluate
@@ -104,7 +104,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            f"one of {', '.join(IMAGE_SUFFIXES)}")
     _check_threads(args.threads)
     apply_threads(args.threads, "sample")
-    from tpdm_rl.rollout.baselines import parse_method
+    from tpdm_rl.rollout.methods import parse_method
     from tpdm_rl.rollout.pipeline import TPDMPipeline
 
     method = parse_method(args.method)

@@ -14,6 +14,7 @@ needs no generator state to resume, and the same seed gives the same run bit for
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tpdm_rl.rewards.composition import RewardSet
-from tpdm_rl.rewards.registry import RewardError, reward_class
 from tpdm_rl.rollout.rng import derive_key
-from tpdm_rl.rollout.worker import resolve_backbone_path
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, config_changes, config_to_yaml
+from .builders.tiny_backbone import resolve_backbone_path
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_consent, save_checkpoint
+from .config import Config, ConfigError, config_to_yaml
 from .executors.base import Executor, FatalRoleError
 from .executors.local import LocalExecutor
 from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
@@ -36,7 +36,8 @@ from .objective import compose_reward, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler, load_prompts
 from .runfolder import RunFolder
-from .utils import FINAL_WINDOW, PhaseTimer, check_device, final_window, read_metrics, set_threads, warn
+from .threads import apply_threads
+from .utils import PhaseTimer, check_device, warn
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Controller:
         self.cfg = cfg
         self.output = Path(output or cfg.output)
         self.ckpt_root = self.output / "checkpoints"
-        self.threads = set_threads(cfg.train.threads, thread_role)
+        self.threads = apply_threads(cfg.train.threads, thread_role)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # start-up checks that must fail before anything is written: prompts, device, checkpoint, config changes
@@ -130,23 +131,11 @@ class Controller:
         if allow_config_change and not resume:
             raise ConfigError(f"config error: --allow-config-change {' '.join(allow_config_change)} needs --resume "
                               "(it accepts changes against the checkpoint being resumed)")
-        ckpt = self._find_resume(resume)
-        if ckpt is not None and ckpt["optimizer"] is None:
-            if not fresh_optimizer:
-                raise CheckpointError(f"checkpoint {str(ckpt['path'])!r} has no optimizer.pt: resuming it would "
-                                      "start a fresh optimizer and the weights would differ from an uninterrupted "
-                                      "run; pass --fresh-optimizer to accept that")
-            warn(f"resuming {ckpt['path']} with a fresh optimizer (--fresh-optimizer): the run will not match an "
-                 "uninterrupted one")
-        changes = config_changes(ckpt["config_yaml"], cfg) if ckpt is not None else {}
         if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("config error: logging.wandb_project is set but wandb is not installed; "
                               "pip install 'tpdm-rl[wandb]' or leave logging.wandb_project empty")
-        refused = {k: v for k, v in changes.items() if k not in allow_config_change}
-        if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-            raise ConfigError(f"config error: resuming {str(ckpt['path'])!r} with a different objective or "
-                              f"trajectories ({listed}); pass --allow-config-change {' '.join(refused)} to accept")
+        ckpt = self._find_resume(resume)
+        changes = resume_consent(ckpt, cfg, allow_config_change, fresh_optimizer)
         self.folder = RunFolder(self.output).acquire(resume=bool(resume), overwrite=overwrite)
         tiny_dir = cfg.backbone.tiny_dir or str(self.output / "tiny_backbone")
         self.backbone_path = resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()),
@@ -256,8 +245,11 @@ class Controller:
                                config_to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
                                tpm_meta={"inference": self.executor.inference_settings()})
 
-    def train(self) -> list[dict]:
-        """Run the remaining iterations; returns this call's metrics records."""
+    def train(self, on_iteration: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run the remaining iterations; returns this call's metrics records.
+
+        ``on_iteration(iteration, metrics)`` is called after each iteration's metrics are logged and before its
+        checkpoint (sweeps report to Ray Tune and record progress through it)."""
         cfg = self.cfg
         records = []
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), total=cfg.train.iterations,
@@ -270,6 +262,8 @@ class Controller:
                     exc.checkpointed = self.checkpoint(it)  # the state after the last completed iteration
                     raise
                 self.metrics.log(m)
+                if on_iteration is not None:
+                    on_iteration(it, m)
                 records.append(m)
                 bar.set_postfix(reward=f"{m['reward/total']:.3f}", steps=f"{m['steps/mean']:.1f}")
                 last = it + 1 == cfg.train.iterations
@@ -286,58 +280,3 @@ class Controller:
             self.executor.close()
         finally:
             self.folder.release()
-
-
-def summarize(metrics_path: Path, cfg: Config | None = None) -> str:
-    """Start vs end (mean of the last FINAL_WINDOW iterations) of the headline metrics, with units, and how
-    ``reward/total`` is made of its parts."""
-    recs = read_metrics(metrics_path)
-    if not recs:
-        return "no iterations recorded"
-    first = recs[0]
-    keys = ["reward/total"] + sorted(k for k in first if k.startswith("reward/") and k != "reward/total") + [
-        "steps/mean", "health/skipped_updates"]
-    end = final_window(recs, keys)
-    lines = [f"{'metric':<30}{'first iter':>12}{f'last {min(FINAL_WINDOW, len(recs))} iters':>14}{'change':>10}"]
-    for k in keys:
-        if not isinstance(first.get(k), (int, float)) or end.get(k) is None:
-            continue
-        label = f"{k} ({metric_unit(k)})" if metric_unit(k) else k
-        lines.append(f"{label:<30}{first[k]:>12.4f}{end[k]:>14.4f}{end[k] - first[k]:>+10.4f}")
-    if cfg is not None:
-        lines.append("reward/total = " + total_formula(cfg))
-    return "\n".join(lines)
-
-
-def metric_unit(key: str) -> str:
-    """The unit of a logged metric, for summaries."""
-    if key.startswith("steps/") or key == "reward/step_penalty":
-        return "steps" if key != "reward/step_penalty" else "coef x steps"
-    if key == "health/skipped_updates":
-        return "count"
-    name = key.split("/", 1)[1] if key.startswith("reward/") else ""
-    try:
-        return reward_class(name).unit
-    except (RewardError, AttributeError):
-        return "fraction" if name.endswith("_exact") else ""
-
-
-def total_formula(cfg: Config) -> str:
-    """``reward/total`` in words: the weighted components and the step penalty, as configured."""
-    parts = []
-    for name, spec in cfg.rewards.items():
-        norm = "" if spec.normalize == "none" else f" ({spec.normalize}-normalised)"
-        parts.append(f"{spec.weight:g} x {name}{norm}")
-    body = " + ".join(parts)
-    sp = cfg.step_penalty
-    if sp.mode == "additive":
-        return f"{body} - {sp.coef:g} x steps (mean over the iteration's trajectories)"
-    if sp.mode == "discount":
-        return f"({body}) x {sp.gamma:g}^steps"
-    return f"({body}) x (1 - {sp.gamma:g}^N) / (N (1 - {sp.gamma:g})), N = steps"
-
-
-def write_summary(output: Path, cfg: Config | None = None) -> str:
-    text = summarize(output / "metrics.jsonl", cfg)
-    (output / "summary.txt").write_text(text + "\n")
-    return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .console import _WARNED, warn  # noqa: F401 - re-exported (warn lives where torch is not needed)
-from .threads import apply_threads, available_cpus  # noqa: F401 - re-exported
+from .threads import available_cpus  # noqa: F401 - re-exported
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -65,11 +66,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None =
     return DTYPES[name]
 
 
-def set_threads(threads: int | None, role: str = "train") -> int:
-    """Set torch's intra-op threads by the thread policy (``tpdm_rl.threads``); returns the number in use."""
-    return apply_threads(threads, role)
-
-
 # ---------------------------------------------------------------------------- files
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file, fsync it, then rename over ``path``: readers see old or new, never half."""
@@ -84,6 +80,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+@contextmanager
+def replace_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; when the block ends it replaces ``final``, on an error it goes.
+
+    Why: a folder others read (a checkpoint, a built backbone) is either the old one or complete, never half
+    written, even when the writer is killed (its ``.NAME.tmpPID`` leftover is never read).
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

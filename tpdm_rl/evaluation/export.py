@@ -10,8 +10,15 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
-from tpdm_rl.checkpoint import CheckpointError, make_shareable, read_tpm_file
-from tpdm_rl.rollout.settings import EXPORT_CONFIG, locate_tpm, read_inference_settings, transformer_geometry
+from tpdm_rl.rollout.settings import transformer_geometry
+from tpdm_rl.tpm_file import (
+    EXPORT_CONFIG,
+    CheckpointError,
+    locate_tpm,
+    make_shareable,
+    read_inference_settings,
+    read_tpm_file,
+)
 
 
 def find_eval_results(tpm_file: Path) -> Path | None:

@@ -24,12 +24,13 @@ from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.rewards.fidelity import psnr
 from tpdm_rl.rewards.registry import RewardError, build_reward
-from tpdm_rl.rollout.baselines import Method, SampleOutput, parse_method, parse_methods
+from tpdm_rl.rollout.methods import Method, parse_method, parse_methods
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rollout.sampler import SampleOutput
 from tpdm_rl.rollout.schedules import mean_schedule
-from tpdm_rl.rollout.settings import locate_tpm
 from tpdm_rl.rollout.tables import load_family
+from tpdm_rl.tpm_file import locate_tpm
 
 from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
 from .plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_schedules

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tpdm_rl.config import Config
@@ -17,6 +18,10 @@ from tpdm_rl.utils import final_window, finite, read_json, read_metrics, write_j
 
 from .plan import DONE_FILE, PLAN_FILE, TRIAL_FILE, SweepError, TrialSpec, first_diff, plan_sweep
 from .report import collect_report, fmt, write_report
+
+#: a running trial says what it waits for at least this often (issue 23: no silence a user takes for a hang;
+#: Tune calls ``on_step_end`` about once a second, so the longest gap is about this plus one second)
+PROGRESS_EVERY_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------- trainable
@@ -42,7 +47,6 @@ def _trainable(config: dict) -> None:
     # a distributed trial joins this trial's Ray instance and placement group
     trainer = Controller(cfg, output=trial_dir, resume="auto", thread_role="sweep-trial")  # 0 threads -> 1
     save_info("running")
-    log = trainer.metrics.log
     reported = []
 
     def report(m: dict) -> None:
@@ -53,13 +57,11 @@ def _trainable(config: dict) -> None:
         reported.append(out["train_iteration"])
         tune.report(out)
 
-    def log_and_report(m: dict) -> None:
-        log(m)
+    def on_iteration(_iteration: int, m: dict) -> None:  # after the metrics line is written
         save_info("running")
         report(m)
 
-    trainer.metrics.log = log_and_report
-    trainer.train()
+    trainer.train(on_iteration=on_iteration)
     records = read_metrics(trial_dir / "metrics.jsonl")
     if not reported and records:  # already complete (killed between its last checkpoint and DONE)
         report(records[-1])
@@ -211,19 +213,72 @@ def _one_line(err: BaseException | str) -> str:
     return (lines[-1] if lines else type(err).__name__)[:300]
 
 
+class TrialProgress:
+    """One line per running trial at least every ``every`` seconds: which iteration it waits for, and the last
+    one's reward and steps. Kept apart from Ray (``_echo_callback`` feeds it) so it is tested on its own."""
+
+    def __init__(self, echo: Callable[[str], None], every: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.echo, self.every, self.clock = echo, every, clock
+        self.trials: dict[str, dict] = {}  # name -> total, done, last (metrics), since, said
+
+    def started(self, name: str, total: int) -> None:
+        now = self.clock()
+        self.trials[name] = {"total": int(total), "done": 0, "last": None, "since": now, "said": now}
+        self.echo(f"trial {name}: started; waiting for iteration 1/{total} (start-up: backbone, workers, learner)")
+
+    def result(self, name: str, done: int, metrics: dict) -> None:
+        """Iteration ``done`` (1-based) finished with ``metrics``; says so when the trial's last line is due."""
+        t = self.trials.get(name)
+        if t is None:
+            return
+        t.update(done=int(done), last=metrics, since=self.clock())
+        if self.clock() - t["said"] >= self.every:
+            self._say(name, t, f"iteration {t['done']}/{t['total']} done")
+
+    def tick(self) -> None:
+        """Called often: a trial silent for ``every`` seconds says what it is waiting for."""
+        now = self.clock()
+        for name, t in self.trials.items():
+            if now - t["said"] >= self.every:
+                nxt = min(t["done"] + 1, t["total"])
+                what = "start-up and " if t["done"] == 0 else ""
+                self._say(name, t, f"waiting for {what}iteration {nxt}/{t['total']} ({now - t['since']:.0f} s so far)")
+
+    def ended(self, name: str) -> None:
+        self.trials.pop(name, None)
+
+    def _say(self, name: str, t: dict, what: str) -> None:
+        m = t["last"] or {}
+        tail = ""
+        if m:
+            tail = f"; last: reward/total {fmt(m.get('reward/total'))}, steps/mean {fmt(m.get('steps/mean'))}"
+        self.echo(f"trial {name}: {what}{tail}")
+        t["said"] = self.clock()
+
+
 def _echo_callback(out: Path, echo):
     from ray.tune import Callback
 
     class EchoCallback(Callback):
-        """Prints one line when a trial starts, ends or fails (Tune's own tables are off)."""
+        """Prints a line when a trial starts, ends or fails, and its progress in between (Tune's tables are off)."""
         def __init__(self, out: Path, echo) -> None:
             self.out, self.echo = out, echo
+            self.progress = TrialProgress(echo)
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.echo(f"trial {trial.config['trial']['name']}: started")
+            spec = trial.config["trial"]
+            self.progress.started(spec["name"], int(spec["config"]["train"]["iterations"]))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.progress.result(trial.config["trial"]["name"], int(result.get("train_iteration", 0)), result)
+
+        def on_step_end(self, iteration, trials, **info):
+            self.progress.tick()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             name = trial.config["trial"]["name"]
+            self.progress.ended(name)
             done = read_json(self.out / "trials" / name / DONE_FILE)
             if done:
                 f = done.get("final", {})
@@ -233,6 +288,7 @@ def _echo_callback(out: Path, echo):
                 self.echo(f"trial {name}: stopped early by the scheduler")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self.progress.ended(trial.config["trial"]["name"])
             self.echo(f"trial {trial.config['trial']['name']}: failed")
 
     return EchoCallback(out, echo)

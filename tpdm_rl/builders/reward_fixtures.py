@@ -4,7 +4,7 @@ Each ``make_*`` function writes into a folder and returns the options ``build_re
 the tests go through exactly the loading code real weights go through. Everything is seeded,
 offline (tokenizers are built from in-memory vocabularies), small (< 2 MB a file) and fast.
 
-    from tpdm_rl.rewards.fixtures import make_all
+    from tpdm_rl.builders.reward_fixtures import make_all
     opts = make_all("/tmp/tiny_rewards")        # {"hpsv2": {...}, "aesthetic": {...}, ...}
     build_reward("hpsv2", device="cpu", **opts["hpsv2"])
 """
@@ -16,11 +16,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tpdm_rl.rollout.tiny_backbone import tiny_clip_tokenizer
 from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from .aesthetic import RewardMLP
-from .hpsv2 import create_open_clip
+from tpdm_rl.rewards.aesthetic import RewardMLP
+from tpdm_rl.rewards.hpsv2 import create_open_clip
+
+from .tiny_backbone import tiny_clip_tokenizer
 
 TINY_OPEN_CLIP = "tiny-clip"
 TINY_OPEN_CLIP_CONFIG = {

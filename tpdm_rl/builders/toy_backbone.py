@@ -27,7 +27,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import matplotlib
@@ -42,38 +41,22 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tpdm_rl.rewards.shapes import analyse
 from tqdm.auto import tqdm
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from tpdm_rl.rewards.shapes import analyse
+from tpdm_rl.rollout.toy import TOY_MARKER, shipped_toy_dir
+from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, prompt_set, render, sample_scene
+from tpdm_rl.utils import replace_folder
 
-from .tiny_backbone import byte_symbols
+from .tokenizers import WORD_START, byte_symbols, character_pieces, clip_tokenizer, t5_tokenizer
 
-TOY_MARKER = "tpdm_toy.json"
 #: CLIP and T5 sequence length of a newly trained backbone: the places grammar's longest prompt (four placed objects,
 #: 'a orange triangle in the bottom right, ... on a white background') is 37 CLIP tokens (35 words + BOS/EOS) and
 #: 36 T5 tokens. The shipped first-world backbone was trained with 24: read a folder's own value with
 #: :func:`toy_text_len` (it is ``backbone.max_sequence_length`` in a config).
 TEXT_LEN = 40
-BUILTIN_TOY = "builtin:toy"
-
-
-def toy_text_len(directory: str | os.PathLike) -> int:
-    """The sequence length a trained toy backbone folder was trained with (its ``tpdm_toy.json``)."""
-    return int(json.loads((Path(directory) / TOY_MARKER).read_text())["text_len"])
-
-
-def shipped_toy_dir() -> Path:
-    """The trained toy backbone that ships inside the package."""
-    return Path(str(resources.files("tpdm_rl") / "data" / "toy_backbone"))
 
 
 @dataclass
@@ -113,22 +96,10 @@ def build_tokenizers():
                                   end_of_word_suffix="</w>", show_progress=False)
     bpe.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
     learned = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(piece, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LEN)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
-    pieces += [("\u2581" + w, -1.0) for w in VOCABULARY]
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"
-    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
-    t5 = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_LEN)
+    clip = clip_tokenizer(sorted(learned["vocab"], key=learned["vocab"].get), merges, max_length=TEXT_LEN)
+    words_t5 = [(WORD_START, -5.0)] + [(WORD_START + w, -1.0) for w in VOCABULARY]
+    t5 = t5_tokenizer(words_t5 + character_pieces("abcdefghijklmnopqrstuvwxyz0123456789,.'-", -8.0, -8.0), TEXT_LEN)
     return clip, t5
 
 
@@ -340,7 +311,7 @@ def train_toy_backbone(directory: str | os.PathLike, settings: ToyTrainSettings 
     """Train the toy backbone from scratch and write the pipeline folder (plus ``training/`` logs)."""
     s = settings or ToyTrainSettings()
     out = Path(directory)
-    torch.set_num_threads(s.threads)
+    apply_threads(s.threads, "toy-trainer")
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
     pipe = build_toy_pipeline(s.seed, s.shift)
@@ -356,22 +327,17 @@ def train_toy_backbone(directory: str | os.PathLike, settings: ToyTrainSettings 
     train_s = time.perf_counter() - t0
     heldout = prompt_set(s.seed + 1, s.eval_prompts, "heldout", places=True)
     quality = evaluate_quality(pipe, heldout, seed=10_000)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    logs = tmp / "training"
-    logs.mkdir()
-    (logs / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (logs / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
-    plot_loss(records, logs / "loss.png")
-    meta = {"kind": "toy", "settings": asdict(s), "train_seconds": round(train_s, 1),
-            "torch_threads": torch.get_num_threads(), "text_len": TEXT_LEN, "image_size": IMAGE_SIZE,
-            "world": "places"}
-    (tmp / TOY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replace_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        logs = tmp / "training"
+        logs.mkdir()
+        (logs / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (logs / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+        plot_loss(records, logs / "loss.png")
+        meta = {"kind": "toy", "settings": asdict(s), "train_seconds": round(train_s, 1),
+                "torch_threads": torch.get_num_threads(), "text_len": TEXT_LEN, "image_size": IMAGE_SIZE,
+                "world": "places"}
+        (tmp / TOY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -21,54 +21,30 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from tpdm_rl.rollout.toy import toy_backbone_path
+from tpdm_rl.utils import replace_folder
+
+from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
 TINY_HIDDEN = 32  # transformer width = heads * head_dim
 TINY_CLIP_HIDDEN = 16  # two CLIPs concatenated = 32 = T5 d_model = joint_attention_dim
 TINY_T5_MAX_LEN = 32
 
 
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins for bytes used by byte-level BPE tokenizers (GPT-2/CLIP)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def tiny_clip_tokenizer():
+def tiny_clip_tokenizer() -> tuple[CLIPTokenizer, int]:
     """A byte-level CLIPTokenizer (no merges) built offline; returns (tokenizer, vocab size)."""
-    symbols = byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    return tok, len(vocab)
+    tok = clip_tokenizer()
+    return tok, tok.vocab_size
 
 
-def _t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%$#@+=*"
-    pieces += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
-    tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TINY_T5_MAX_LEN)
-    return tok, len(pieces)
+def _t5_tokenizer() -> tuple[T5TokenizerFast, int]:
+    tok = t5_tokenizer([(WORD_START, -1.0), *character_pieces(T5_CHARS, -2.0, -1.5)], TINY_T5_MAX_LEN)
+    return tok, tok.vocab_size
 
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
@@ -83,17 +59,9 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
     try:
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
-            sample_size=latent,
-            patch_size=2,
-            in_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=TINY_HIDDEN,
-            caption_projection_dim=TINY_HIDDEN,
-            pooled_projection_dim=2 * TINY_CLIP_HIDDEN,
-            out_channels=16,
-            pos_embed_max_size=4 * latent // 2,
+            sample_size=latent, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=TINY_HIDDEN, caption_projection_dim=TINY_HIDDEN,
+            pooled_projection_dim=2 * TINY_CLIP_HIDDEN, out_channels=16, pos_embed_max_size=4 * latent // 2,
         )
         vae = AutoencoderKL(
             in_channels=3,
@@ -127,20 +95,10 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
         t5_tok, t5_vocab = _t5_tokenizer()
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=t5_vocab,
-                d_model=TINY_HIDDEN,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=t5_vocab, d_model=TINY_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ))
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     finally:
         torch.random.set_rng_state(gen_state)
@@ -180,9 +138,14 @@ def ensure_tiny_backbone(directory: str | os.PathLike, seed: int = 0, sample_siz
             meta = {}
         if meta == {"seed": seed, "sample_size": sample_size}:
             return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    make_tiny_backbone(tmp, seed=seed, sample_size=sample_size)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replace_folder(out) as tmp:
+        make_tiny_backbone(tmp, seed=seed, sample_size=sample_size)
     return out
+
+
+def resolve_backbone_path(path: str, tiny_dir: str | Path, tiny_seed: int, resolution: int) -> str:
+    """``builtin:toy``: the shipped trained toy backbone; empty: the tiny random backbone, built once in
+    ``tiny_dir``; anything else: a local diffusers folder or a hub id, as given."""
+    if path:
+        return toy_backbone_path(path)
+    return str(ensure_tiny_backbone(tiny_dir, seed=tiny_seed, sample_size=min(resolution, 128)))

@@ -35,19 +35,12 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from tpdm_rl.defaults import PRESETS
-from tpdm_rl.utils import DTYPE_ALIASES, DTYPES, write_json_atomic
+from tpdm_rl.utils import DTYPE_ALIASES, DTYPES, replace_folder, write_json_atomic
 
-from .tiny_backbone import byte_symbols
+from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
 
 #: the model components, in the order they are built and written
 MODELS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")
@@ -253,13 +246,29 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in ``dtype`` (no float32 copy at real size)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def shrunk_overrides(attention_head_dim: int, sample_size: int) -> dict[str, dict[str, Any]]:
+    """``overrides`` that shrink every width to a few dozen (2 heads, 16-wide CLIPs, 32-wide T5, 8-channel VAE), for
+    tests and smoke runs of the real-size code paths; the transformer's head width and latent size as given."""
+    return {
+        "transformer": {"num_attention_heads": 2, "attention_head_dim": attention_head_dim,
+                        "caption_projection_dim": 2 * attention_head_dim, "joint_attention_dim": 32,
+                        "pooled_projection_dim": 32, "pos_embed_max_size": 2 * sample_size, "sample_size": sample_size},
+        **{clip: {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "projection_dim": 16} for clip in ("text_encoder", "text_encoder_2")},
+        "text_encoder_3": {"d_model": 32, "d_ff": 32, "d_kv": 8, "num_heads": 4, "num_layers": 1,
+                           "relative_attention_num_buckets": 8},
+        "vae": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64},
+    }
 
 
 def estimate(preset: str, no_t5: bool = False, dtype: str = "bfloat16", layers: int | None = None,
@@ -352,23 +361,13 @@ def check_resources(directory: str | os.PathLike, est: Mapping[str, Any]) -> Non
 
 def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     """A CLIP BPE tokenizer with the real vocabulary size and special ids but no merges."""
-    symbols = byte_symbols()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    while len(vocab) < CLIP_VOCAB - 2:
-        vocab[f"<|unused{len(vocab)}|>"] = len(vocab)
-    vocab["<|startoftext|>"] = CLIP_VOCAB - 2
-    vocab["<|endoftext|>"] = CLIP_VOCAB - 1
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token)
+    return clip_tokenizer(size=CLIP_VOCAB, max_length=CLIP_MAX_LENGTH, pad_token=pad_token)
 
 
-def _t5_tokenizer() -> T5TokenizerFast:
+def _t5_tokenizer():
     """A unigram T5 tokenizer: 32000 pieces (characters, then unused fillers) + 100 extra ids."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%$#@+=*"
-    pieces += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
-    pieces += [(f"\u2581unused{i}", -50.0) for i in range(len(pieces), T5_PIECES)]
-    return T5TokenizerFast(vocab=pieces, extra_ids=T5_EXTRA_IDS, model_max_length=T5_MAX_LENGTH)
+    pieces = [(WORD_START, -1.0), *character_pieces(T5_CHARS, -2.0, -1.5)]
+    return t5_tokenizer(pieces, T5_MAX_LENGTH, size=T5_PIECES, extra_ids=T5_EXTRA_IDS)
 
 
 def _seed_for(seed: int, component: str) -> int:
@@ -404,11 +403,7 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
     cfgs = configs(preset, no_t5=no_t5, layers=layers, overrides=overrides)
     torch_dtype = DTYPES[est["dtype"]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with replace_folder(out) as tmp:  # out is new or empty (checked above)
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(tmp / "scheduler")
         tokenizers = {"tokenizer": _clip_tokenizer("<|endoftext|>"), "tokenizer_2": _clip_tokenizer("!"),
                       "tokenizer_3": None if no_t5 else _t5_tokenizer()}
@@ -422,7 +417,7 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
                                  **{k: _library(v) for k, v in tokenizers.items()}, "text_encoder_3": [None, None]}
         for name, cfg in cfgs.items():
             t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=[]), torch.device("cpu"), _default_dtype(torch_dtype):
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"), default_dtype(torch_dtype):
                 torch.manual_seed(_seed_for(seed, name))
                 model = _construct(name, cfg)
                 _cast(model, torch_dtype)
@@ -440,10 +435,4 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
             "params": {k: c["params"] for k, c in est["components"].items()},
             "bytes": {k: c["bytes"] for k, c in est["components"].items()},
         })
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
