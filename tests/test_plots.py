@@ -1,6 +1,7 @@
 """The figures place their text off the data: point labels never overlap each other (nor does a leader line run
-through another label), legends never cover a plotted point, labels stay inside their panel (issue 23). Checked in the figure objects, on reports whose points
-sit close together (the TPM, its mean tables and the fixed:N curve within one NFE of each other)."""
+through another label), legends never cover a plotted point, labels stay inside their panel (issue 23). Checked
+in the figure objects, on reports whose points sit close together (the TPM, its mean tables and the fixed:N curve
+within one NFE of each other)."""
 
 from __future__ import annotations
 
