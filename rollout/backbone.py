@@ -176,7 +176,7 @@ class Backbone:
         CPU)."""
         missing = sorted({p for p in prompts if p not in self._embed_cache} - {None})
         if missing:
-            self._warn_truncated(missing)
+            self._warn_truncated([p for p in missing if p != self.negative_prompt])  # the run's prompts only
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=missing, prompt_2=None, prompt_3=None, device=self._text_device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
@@ -188,6 +188,8 @@ class Backbone:
         return e, pl
 
     def _warn_truncated(self, prompts: list[str]) -> None:
+        if not prompts:
+            return
         limits = []
         for name, limit in (("tokenizer", self.pipe.tokenizer_max_length), ("tokenizer_3", self.max_sequence_length)):
             tok = getattr(self.pipe, name, None)
@@ -197,8 +199,8 @@ class Backbone:
         too_long = max((n for _, _, n in limits), default=0)
         if too_long:
             which = ", ".join(f"{'CLIP' if n == 'tokenizer' else 'T5'} {lim} tokens" for n, lim, _ in limits)
-            warn(f"{too_long} of {len(prompts)} prompts are longer than the text encoders' limits ({which}) and are "
-                 "truncated; raise backbone.max_sequence_length for T5 or shorten them")
+            warn(f"{too_long} of {len(prompts)} distinct prompts are longer than the text encoders' limits ({which}) "
+                 "and are truncated; raise backbone.max_sequence_length for T5 or shorten them")
 
     def offload_text_encoders(self, prompts: list[str]) -> int:
         """Encode ``prompts`` (and the negative prompt), then move the text encoders to the CPU.

@@ -225,3 +225,94 @@ def test_a_run_that_failed_before_its_first_iteration_does_not_block_the_retry(t
     r = run_cli_in_process(*_train_args(tmp_path / "run", tiny_backbone_dir, **{"train.iterations": 1}))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "failed before its first iteration" in r.stderr
+
+
+# toy prompts that the shapes reward cannot score: one line, before any model loads (it was a RewardError after
+# ~16 s of rollout); the line number counts the file's real lines, comments and blank lines included
+BAD_TOY_PROMPTS = ("# toy prompts\n\na red circle on a white background\n# the next line is not in the grammar\n"
+                   "\ftwo blue squares on a black background\na photo of a cat\n")
+
+
+@pytest.mark.parametrize("command", ["train", "config"])
+def test_prompts_outside_the_toy_grammar_fail_at_start_up_naming_their_line(tmp_path, monkeypatch, command):
+    import time
+
+    import tpdm_rl.controller as controller_mod
+
+    def no_model(*a, **k):
+        raise AssertionError("the backbone was reached: the prompts were not checked at start-up")
+
+    monkeypatch.setattr(controller_mod, "resolve_backbone_path", no_model)
+    monkeypatch.setattr(controller_mod, "make_executor", no_model)
+    prompts = tmp_path / "bad.txt"
+    prompts.write_text(BAD_TOY_PROMPTS)  # the form feed: str.splitlines() would count one line too many
+    out = tmp_path / "run"
+    args = ["--config", "configs/toy.yaml", "--set", f"rollout.prompts={prompts}"]
+    start = time.perf_counter()
+    r = run_cli_in_process(command, *args, *(["--output", str(out)] if command == "train" else []))
+    elapsed = time.perf_counter() - start
+    line = _one_line(r, 1 if command == "train" else None)
+    assert f"{prompts}:6:" in line, line
+    assert "'a photo of a cat'" in line and "toy grammar" in line and "unexpected word 'photo' at word 2" in line
+    assert elapsed < 10, elapsed  # no rollout (was ~16 s of it, after loading the backbone)
+    assert not out.exists()  # nothing written: a retry is not blocked
+    # a jsonl file counts its real lines the same way
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"prompt": "a red circle on a white background"}\n\n{"prompt": "two cats"}\n')
+    line = _one_line(run_cli_in_process(command, "--config", "configs/toy.yaml", "--set", f"rollout.prompts={jl}",
+                                        *(["--output", str(out)] if command == "train" else [])))
+    assert f"{jl}:3:" in line and "'two cats'" in line, line
+
+
+def test_prompts_outside_the_toy_grammar_answer_before_torch_loads(tmp_path):
+    """A fresh process: ``tpdm-rl train`` reports the bad line without importing torch (about a second, where it
+    used to load the backbone and roll out for ~16 s first)."""
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "bad.txt"
+    prompts.write_text(BAD_TOY_PROMPTS)
+    code = ("import sys; from tpdm_rl.cli import main; "
+            f"rc = main(['train', '--config', 'configs/toy.yaml', '--set', 'rollout.prompts={prompts}', "
+            f"'--output', '{tmp_path / 'run'}']); print('torch loaded:', 'torch' in sys.modules, 'rc:', rc)")
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert "torch loaded: False rc: 1" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert f"{prompts}:6: prompt 'a photo of a cat' is not in the toy grammar" in r.stderr
+    assert elapsed < 15, elapsed  # generous for a loaded machine: torch alone takes longer there
+
+
+def test_the_toy_grammar_is_checked_only_with_the_shapes_reward(tmp_path):
+    from tpdm_rl.prompts import load_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(BAD_TOY_PROMPTS)
+    assert load_prompts(prompts)[-1] == "a photo of a cat"  # other rewards score any prompt
+    assert len(load_prompts("builtin:toy-train", toy=True)) > 0  # the bundled toy sets parse
+
+
+def test_truncation_warning_counts_the_runs_distinct_prompts(capsys):
+    """The negative prompt (encoded with the run's prompts) is not one of them."""
+    from types import SimpleNamespace
+
+    from tpdm_rl.rollout.backbone import Backbone
+
+    def tok(prompts, add_special_tokens=True):
+        return {"input_ids": [[0] * (len(p.split()) + 2) for p in prompts]}
+
+    class Stop(Exception):
+        pass
+
+    def encode_prompt(**kw):
+        raise Stop
+
+    fake = SimpleNamespace(_embed_cache={}, negative_prompt="", max_sequence_length=6, _text_device="cpu",
+                           pipe=SimpleNamespace(tokenizer=tok, tokenizer_3=tok, tokenizer_max_length=6,
+                                                encode_prompt=encode_prompt))
+    fake._warn_truncated = lambda p: Backbone._warn_truncated(fake, p)
+    with pytest.raises(Stop):
+        Backbone.encode_prompts.__wrapped__(fake, ["a b c d e f g h", "a b c d e f g h", "a dog", ""])
+    err = capsys.readouterr().err
+    assert "1 of 2 distinct prompts are longer" in err, err

@@ -68,6 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.allow_config_change and not args.resume:
         raise UsageError(f"--allow-config-change {' '.join(args.allow_config_change)} needs --resume (it accepts "
                          "changes against the checkpoint being resumed)")
+    from .prompts import load_prompts
+
+    load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)  # a bad prompts file answers before torch loads
     from .controller import Controller  # the Controller applies the thread policy (train.threads)
     from .summary import write_summary
 

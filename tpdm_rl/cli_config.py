@@ -98,7 +98,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(markdown_reference() if args.markdown else explain(), end="" if args.markdown else "\n")
         return 0
     cfg = load_config(args.config, args.set)
-    load_prompts(cfg.rollout.prompts)  # a malformed or degenerate prompts file is reported here too
+    # a malformed or degenerate prompts file is reported here too, and (shapes reward) a prompt outside the toy grammar
+    load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)
     print(config_to_yaml(cfg), end="")
     return 0
 

@@ -124,7 +124,7 @@ class Controller:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # start-up checks that must fail before anything is written: prompts, device, checkpoint, config changes
-        self.prompts = load_prompts(cfg.rollout.prompts)
+        self.prompts = load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)  # before any model loads
         self.sampler = PromptSampler(self.prompts, cfg.seed)
         for key in ("train.device", "backbone.device"):
             check_device(key, cfg.train.device if key == "train.device" else cfg.backbone.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .console import warn
 
-__all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "load_prompts"]
+__all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "check_toy_prompts", "load_prompts"]
 
 #: Names accepted after ``builtin:`` and the bundled file each one maps to (in ``tpdm_rl.data``).
 BUILTIN_SETS: dict[str, str] = {"train": "prompts_train.txt", "eval": "prompts_eval.txt",
@@ -56,18 +56,24 @@ def _decode(data: bytes, path: str) -> str:
         ) from None
 
 
-def _parse_txt(text: str) -> list[str]:
+def _lines(text: str) -> list[str]:
+    """The file's real lines, split at newlines only (as editors and ``_decode`` count them; ``str.splitlines``
+    also splits at form feeds, U+2028 and others, which shifts every later line number)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _parse_txt(text: str) -> list[tuple[int, str]]:
     prompts = []
-    for line in text.splitlines():
+    for lineno, line in enumerate(_lines(text), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
-            prompts.append(line)
+            prompts.append((lineno, line))
     return prompts
 
 
-def _parse_jsonl(text: str, path: str) -> list[str]:
+def _parse_jsonl(text: str, path: str) -> list[tuple[int, str]]:
     prompts = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -96,7 +102,7 @@ def _parse_jsonl(text: str, path: str) -> list[str]:
             raise PromptFileError(
                 f"{_where(path, lineno)}: field 'prompt' is empty; expected a non-empty string"
             )
-        prompts.append(prompt)
+        prompts.append((lineno, prompt))
     return prompts
 
 
@@ -111,17 +117,20 @@ def _read_builtin(name: str, source: str) -> tuple[bytes, str]:
         raise PromptFileError(f"{source}: bundled prompt file {resource} cannot be read ({e})") from None
 
 
-def load_prompts(source: str | os.PathLike[str]) -> list[str]:
+def load_prompts(source: str | os.PathLike[str], toy: bool = False) -> list[str]:
     """Load prompts from a ``.txt``/``.jsonl`` file or a bundled set (``builtin:train``, ``builtin:eval``).
 
     ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped and
     surrounding whitespace is stripped. ``.jsonl``: every non-blank line must be a JSON object with a
     non-empty string field ``prompt`` (other fields are ignored). Duplicates are kept: repeating a
-    prompt is a legitimate way to up-weight it.
+    prompt is a legitimate way to up-weight it. ``toy``: every prompt must parse in the toy world's
+    grammar (``tpdm_rl.toyworld.parse_prompt``; the ``shapes`` reward scores nothing else).
 
     Raises:
         PromptFileError: the file is missing/unreadable, has an unsupported extension, is not
-            UTF-8, contains a malformed line, or yields no prompts at all.
+            UTF-8, contains a malformed line, yields no prompts at all, or (``toy``) holds a prompt
+            outside the toy grammar; the message names the file's real line (comments and blank
+            lines counted).
     """
     raw = os.fspath(source)
     if isinstance(raw, bytes):  # os.PathLike[bytes]; normalise so messages stay text
@@ -149,13 +158,32 @@ def load_prompts(source: str | os.PathLike[str]) -> list[str]:
             raise PromptFileError(f"{where}: cannot read prompt file ({e.strerror or e})") from None
 
     text = _decode(data, where)
-    prompts = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_txt(text)
+    numbered = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_txt(text)
+    if toy:
+        check_toy_prompts(numbered, where)
+    prompts = [p for _, p in numbered]
     if not prompts:
         raise PromptFileError(f"{where}: no prompts found; expected at least one non-blank, non-comment line")
     distinct = len(set(prompts))
     if len(prompts) > 1 and distinct == 1:
         warn(f"{where}: all {len(prompts)} prompts are the same prompt; every group will train on it")
     return prompts
+
+
+def check_toy_prompts(numbered: Sequence[tuple[int, str]], where: str) -> None:
+    """Parse every ``(line number, prompt)`` with the toy grammar; the first one outside it is a
+    :class:`PromptFileError` naming the file, its line and the parser's reason."""
+    from .toyworld import PromptError, parse_prompt  # numpy only: `tpdm-rl config` stays fast
+
+    for lineno, prompt in numbered:
+        try:
+            parse_prompt(prompt)
+        except PromptError as exc:
+            reason = str(exc).split(" is not in the toy grammar: ", 1)[-1]
+            raise PromptFileError(
+                f"{_where(where, lineno)}: prompt {prompt!r} is not in the toy grammar: {reason}; the "
+                "shapes reward scores only toy-world prompts (docs/toy-world.md)"
+            ) from None
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -13,6 +13,7 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from tpdm_rl.plot_layout import Label, legend_below, legend_right, place_labels, save  # noqa: E402
 from tpdm_rl.rollout.baselines import parse_method  # noqa: E402
 
 if TYPE_CHECKING:
@@ -25,8 +26,17 @@ def _short(text: str, n: int = 38) -> str:
 def plot_schedules(path: Path, results: dict[str, MethodResult], shown: list[str], items, prompts, n_show: int
                    ) -> None:
     """sigma vs step for a sample of prompts (TPM vs fixed), plus each skipping method's call pattern."""
+    fig = schedules_figure(results, shown, items, prompts, n_show)
+    save(fig, path)
+    plt.close(fig)
+
+
+def schedules_figure(results: dict[str, MethodResult], shown: list[str], items, prompts, n_show: int):
+    """The figure of :func:`plot_schedules` (the schedules' legend right of their panel, off the curves)."""
     adaptive = [m for m in shown if parse_method(m).skips][:2]
-    fig, axes = plt.subplots(1, 1 + len(adaptive), figsize=(7 + 5.5 * len(adaptive), 4.8), squeeze=False)
+    # constrained layout gives the legend right of the schedules (and the colorbars) room of their own
+    fig, axes = plt.subplots(1, 1 + len(adaptive), figsize=(10.5 + 5.5 * len(adaptive), 4.8), squeeze=False,
+                             width_ratios=[1.6] + [1.0] * len(adaptive), layout="constrained")
     ax = axes[0, 0]
     picks = [j for j, (i, k) in enumerate(items) if k == 0][:n_show]
     cmap = plt.get_cmap("tab10")
@@ -45,7 +55,7 @@ def plot_schedules(path: Path, results: dict[str, MethodResult], shown: list[str
     ax.set_ylabel("sigma (noise level)")
     ax.set_title("Schedules: TPM per prompt vs fixed")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    legend_right(ax, fontsize=7)
     for a, name in zip(axes[0, 1:], adaptive):
         called = results[name].called
         rows = picks if picks else list(range(min(len(called), n_show)))
@@ -62,9 +72,7 @@ def plot_schedules(path: Path, results: dict[str, MethodResult], shown: list[str
         a.set_title(f"{name}: transformer call (green) or reused velocity (red)", fontsize=9)
         cb = fig.colorbar(im, ax=a, ticks=[0, 1], fraction=0.04)
         cb.ax.set_yticklabels(["reused", "called"], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_nfe_hist(path: Path, results: dict[str, MethodResult], shown: list[str]) -> None:
@@ -77,57 +85,78 @@ def plot_nfe_hist(path: Path, results: dict[str, MethodResult], shown: list[str]
         vals, counts = torch.unique(nfe, return_counts=True)
         ax.bar(vals.numpy(), counts.numpy(), width=0.8, color=cmap(c % 10), label=f"{name} (mean {nfe.double().mean():.1f})")
         ax.set_ylabel("images")
-        ax.legend(fontsize=8, loc="upper left")
+        legend_right(ax, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
         ax.set_xlim(0, hi + 1.5)
     axes[-1, 0].set_xlabel("NFE (transformer calls per image)")
     axes[0, 0].set_title(f"NFE distribution per method ({int(results[shown[0]].nfe.numel())} images)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
 
 
 def plot_pareto(path: Path, report: dict, shown: list[str]) -> None:
     """Quality vs mean NFE: fixed:N as a curve, the other methods as labelled points; one panel per metric."""
+    fig = pareto_figure(report, shown)
+    save(fig, path)
+    plt.close(fig)
+
+
+def pareto_figure(report: dict, shown: list[str]):
+    """The figure of :func:`plot_pareto`: one legend below the panels, point labels placed so that none
+    overlaps another label or a point (``plot_layout.place_labels``)."""
     ref = report["reference"]
     metrics = [(f"reward: {r}", lambda row, r=r: row["rewards"][r]) for r in report["rewards"] if r != "fidelity"]
     metrics += [(f"PSNR vs {ref} (dB) = fidelity", lambda row: row["psnr"]),
                 (f"SSIM vs {ref}", lambda row: row["ssim"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.6), squeeze=False)
     cmap = plt.get_cmap("tab10")
     family = {r["method"] for r in report.get("tables_curve") or []}
     points = [r for r in report["methods"] if parse_method(r["method"]).kind != "fixed" and r["method"] not in family]
+    layout = []
     for ax, (label, get) in zip(axes[0], metrics):
         is_psnr = label.startswith("PSNR")
         curve = [r for r in report["pareto"] if not (is_psnr and r["is_reference"])]
         xs = [r["nfe"]["mean"] for r in curve]
         ys = [get(r)["mean"] for r in curve]
         es = [get(r)["se"] for r in curve]
-        ax.errorbar(xs, ys, yerr=es, fmt="-s", color="black", ms=4, lw=1.3, capsize=2, label="fixed:N (N under each point)")
-        for r, x, y in zip(curve, xs, ys):
-            ax.annotate(str(r["nfe"]["min"]), (x, y), textcoords="offset points", xytext=(0, -12), fontsize=7,
-                        ha="center", color="dimgray")
+        ax.errorbar(xs, ys, yerr=es, fmt="-s", color="black", ms=4, lw=1.3, capsize=2,
+                    label="fixed:N (N beside each point)")
+        markers = list(zip(xs, ys))
+        lines = [list(zip(xs, ys))]
+        labels = []
         tcurve = report.get("tables_curve") or []
         if tcurve:
-            ax.errorbar([r["nfe"]["mean"] for r in tcurve], [get(r)["mean"] for r in tcurve],
-                        yerr=[get(r)["se"] for r in tcurve], fmt="--^", color="tab:gray", ms=4, lw=1.1, capsize=2,
-                        label=f"hand-made tables ({report.get('tables')})")
+            txs, tys = [r["nfe"]["mean"] for r in tcurve], [get(r)["mean"] for r in tcurve]
+            ax.errorbar(txs, tys, yerr=[get(r)["se"] for r in tcurve], fmt="--^", color="tab:gray", ms=4, lw=1.1,
+                        capsize=2, label=f"hand-made tables ({report.get('tables')})")
+            markers += list(zip(txs, tys))
+            lines.append(list(zip(txs, tys)))
         for c, r in enumerate(points):
             m = get(r)
-            ax.errorbar([r["nfe"]["mean"]], [m["mean"]], yerr=[m["se"]], fmt="o", ms=8, capsize=3,
-                        color=cmap(c % 10), label=r["method"])
-            ax.annotate(r["method"], (r["nfe"]["mean"], m["mean"]), textcoords="offset points", xytext=(6, 6),
-                        fontsize=8, color=cmap(c % 10))
-        ax.margins(x=0.06, y=0.1)
+            x, y = r["nfe"]["mean"], m["mean"]
+            ax.errorbar([x], [y], yerr=[m["se"]], fmt="o", ms=8, capsize=3, color=cmap(c % 10), label=r["method"])
+            markers.append((x, y))
+            labels.append(Label(r["method"], (x, y), color=cmap(c % 10), fontsize=8, prefer=(45, 135, -45, -135)))
+        for x, y, e in [(x, y, e) for x, y, e in zip(xs, ys, es)] + [
+                (r["nfe"]["mean"], get(r)["mean"], get(r)["se"]) for r in points]:
+            if e and e == e:  # the error bars: a label keeps off them when it can
+                lines.append([(x, y - e), (x, y + e)])
+        labels += [Label(str(r["nfe"]["min"]), (x, y), color="dimgray", fontsize=7, prefer=(-90, -45, -135),
+                         crowd_leader=False)
+                   for r, x, y in zip(curve, xs, ys)]
+        layout.append((ax, labels, markers, lines))
+        ax.margins(x=0.08, y=0.12)
         ax.set_xlabel("mean NFE per image")
         ax.set_ylabel(label)
         ax.set_title(label + (f"\n({ref} itself is the reference, not drawn)" if is_psnr else ""), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Quality vs compute ({report['num_images']} images, {report['resolution']} px)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    legend_below(fig, handles, names, ncol=min(len(names), 4), fontsize=8)
+    for i, (ax, labels, markers, lines) in enumerate(layout):
+        place_labels(ax, labels, markers, marker_pt=4.5, lines=lines, draw=i == 0)
+    return fig
 
 
 def plot_grid(path: Path, results: dict[str, MethodResult], shown: list[str], row_prompts: list[str],
@@ -154,7 +183,7 @@ def plot_grid(path: Path, results: dict[str, MethodResult], shown: list[str], ro
                 ax.set_ylabel("\n".join(_wrap(row_prompts[r], 22)[:3]), fontsize=7)
     fig.suptitle("Same prompt and noise per row; NFE = transformer calls, dB = PSNR vs the reference", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
 
 
@@ -165,6 +194,13 @@ def _wrap(text: str, width: int) -> list[str]:
 def plot_complexity(path: Path, report: dict) -> None:
     """Steps (NFE) against prompt complexity, one panel per axis: number of objects and, where the report has
     it, number of unplaced objects (the places world's ambiguity class); each method's mean NFE with its SE."""
+    fig = complexity_figure(report)
+    save(fig, path)
+    plt.close(fig)
+
+
+def complexity_figure(report: dict):
+    """The figure of :func:`plot_complexity`: one legend (the methods) below the panels, off the curves."""
     cx = report["complexity"]
     axes_ = [(a, label) for a, label in (("objects", "objects in the prompt"),
                                          ("unplaced", "unplaced objects in the prompt")) if cx.get(f"nfe_by_{a}")]
@@ -186,8 +222,8 @@ def plot_complexity(path: Path, report: dict) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("NFE (transformer calls) per image, mean ± SE")
         ax.set_xticks(sorted({int(k) for lv in nfe.values() for k in lv}))
-        ax.legend(fontsize=8, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles, names = axs[0, 0].get_legend_handles_labels()
+    legend_below(fig, handles, names, ncol=min(len(names), 5), fontsize=8)
+    return fig
