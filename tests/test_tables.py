@@ -105,6 +105,7 @@ def test_eval_with_a_table_family_compares_at_equal_nfe(trained, tmp_path, capsy
                "--device", "cpu", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "results.json").read_text())
+    assert rep["tables"] == str(fam)  # the family's name, not the tpm-mean tables
     assert [r["nfe_table"] for r in rep["tables_curve"]] == [2, 3, 4]
     assert [r["nfe"]["mean"] for r in rep["tables_curve"]] == [2, 3, 4]
     rows = {r["method"]: r for r in rep["methods"]}

@@ -199,7 +199,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     bar = tqdm(total=(len(runs) + 2 * len(wants_mean)) * n_img * repeats, desc="eval", unit="img",
                disable=not progress, dynamic_ncols=True)
     results: dict[str, MethodResult] = {}
-    tables: dict[str, torch.Tensor] = {}
+    mean_tables: dict[str, torch.Tensor] = {}  # the tpm-mean:N tables
     ref_images = None
 
     def run_one(m: Method, table: torch.Tensor | None = None) -> None:
@@ -229,13 +229,13 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
             for n in ns:
                 mm = Method("tpm-mean", steps=n)
                 if mm.name not in results:
-                    tables[mm.name] = mean_schedule(results["tpm"].sigmas, n)
-                    run_one(mm, tables[mm.name])
+                    mean_tables[mm.name] = mean_schedule(results["tpm"].sigmas, n)
+                    run_one(mm, mean_tables[mm.name])
                     mean_runs.append(mm)
         for _ in range(repeats - 1):  # round-robin re-timing: a burst of load hits one pass, not one method
             for m in runs + mean_runs:
                 bar.set_postfix_str(f"{m.name} (timing)")
-                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=tables.get(m.name))
+                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=mean_tables.get(m.name))
                 r = results[m.name]
                 r.seconds, r.cpu_seconds = min(r.seconds, again.seconds), min(r.cpu_seconds, again.cpu_seconds)
     finally:
@@ -273,7 +273,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
         "timing_repeats": repeats, "threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "methods": rows, "pareto": curve, "tables": str(tables) if tables else None, "tables_curve": tables_curve,
-        "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in tables.items()},
+        "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in mean_tables.items()},
         "comparisons": compare_tpm(results, {n: m.name for n, m in family.items()}), "complexity": complexity_report(results, all_prompts, shown),
         "per_image": per_image,
     }
