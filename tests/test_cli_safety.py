@@ -172,7 +172,7 @@ def test_long_prompts_are_counted_once_and_a_foreign_backbone_warns(tmp_path, ti
     bb = Backbone(tiny_backbone_dir, device="cpu", feature_grid=4, max_sequence_length=8)
     bb.encode_prompts(["a cat", "a very long prompt " * 10, "another very long prompt " * 10])
     err = capsys.readouterr().err
-    assert err.count("tpdm-rl: warning") == 1 and "2 of 3 prompts are longer" in err
+    assert err.count("tpdm-rl: warning") == 1 and "2 of 3 distinct prompts are longer" in err
     from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 
     other = Backbone(str(make_tiny_backbone(tmp_path / "other", seed=1)), device="cpu", feature_grid=4)

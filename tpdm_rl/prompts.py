@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .console import warn
+from .toyworld import PromptError, parse_prompt  # numpy only: `tpdm-rl config` stays fast
 
 __all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "check_toy_prompts", "load_prompts"]
 
@@ -173,8 +174,6 @@ def load_prompts(source: str | os.PathLike[str], toy: bool = False) -> list[str]
 def check_toy_prompts(numbered: Sequence[tuple[int, str]], where: str) -> None:
     """Parse every ``(line number, prompt)`` with the toy grammar; the first one outside it is a
     :class:`PromptFileError` naming the file, its line and the parser's reason."""
-    from .toyworld import PromptError, parse_prompt  # numpy only: `tpdm-rl config` stays fast
-
     for lineno, prompt in numbered:
         try:
             parse_prompt(prompt)

@@ -118,7 +118,8 @@ class Gang:
                   f"distributed.startup_timeout_s={timeout_s:g}s for the cluster to grow", file=sys.stderr)
         self.pg = placement_group(real, strategy="PACK")
         try:
-            with waiting(f"reserving {len(real)} actor bundles ({describe(need)})"):
+            amounts = ", ".join(f"{v:g} {k}" for k, v in need.items())
+            with waiting(f"reserving {len(real)} actor bundles ({amounts})"):
                 ray.get(self.pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.pg)
