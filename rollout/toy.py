@@ -13,18 +13,22 @@ from pathlib import Path
 
 #: ``backbone.path`` (and the benchmarks' ``--backbone``) value that selects the shipped trained toy backbone
 BUILTIN_TOY = "builtin:toy"
+#: the shipped backbone of the places world (prompts may pin objects to quadrants; docs/toy-world.md)
+BUILTIN_TOY_PLACES = "builtin:toy-places"
+#: ``builtin:`` backbone names and their folders in ``tpdm_rl/data``
+SHIPPED_TOY_BACKBONES = {BUILTIN_TOY: "toy_backbone", BUILTIN_TOY_PLACES: "toy_places_backbone"}
 #: the file a trained toy backbone folder describes itself in (settings, text length, image size)
 TOY_MARKER = "tpdm_toy.json"
 
 
-def shipped_toy_dir() -> Path:
-    """The trained toy backbone that ships inside the package."""
-    return Path(str(resources.files("tpdm_rl") / "data" / "toy_backbone"))
+def shipped_toy_dir(name: str = BUILTIN_TOY) -> Path:
+    """A trained toy backbone that ships inside the package (``builtin:toy`` or ``builtin:toy-places``)."""
+    return Path(str(resources.files("tpdm_rl") / "data" / SHIPPED_TOY_BACKBONES[name]))
 
 
 def toy_backbone_path(path: str) -> str:
-    """``builtin:toy``: the shipped folder; anything else as given."""
-    return str(shipped_toy_dir()) if path == BUILTIN_TOY else path
+    """``builtin:toy`` / ``builtin:toy-places``: the shipped folder; anything else as given."""
+    return str(shipped_toy_dir(path)) if path in SHIPPED_TOY_BACKBONES else path
 
 
 def toy_text_len(directory: str | os.PathLike) -> int:

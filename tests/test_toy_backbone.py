@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_cli_in_process
 from diffusers import StableDiffusion3Pipeline
-from tpdm_rl.rollout.toy import shipped_toy_dir, toy_text_len
+from tpdm_rl.rollout.toy import shipped_toy_dir, toy_backbone_path, toy_text_len
 
 from tpdm_rl.builders.toy_backbone import (
     TEXT_LEN,
@@ -28,8 +28,13 @@ from tpdm_rl.utils import read_metrics
 MAX_SHIPPED_BYTES = 25 * 2**20
 
 
-def test_shipped_toy_backbone_is_small_safetensors_and_loads_offline():
-    d = shipped_toy_dir()
+@pytest.mark.parametrize("name, prompt", [
+    ("builtin:toy", "a red circle on a white background"),
+    ("builtin:toy-places", "a red circle in the top left and a blue square on a white background")])
+def test_shipped_toy_backbone_is_small_safetensors_and_loads_offline(name, prompt):
+    """Both shipped backbones: the reading-order world's (``builtin:toy``) and the places world's."""
+    d = shipped_toy_dir(name)
+    assert toy_backbone_path(name) == str(d)
     files = [p for p in d.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_BYTES
     weights = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
@@ -39,7 +44,7 @@ def test_shipped_toy_backbone_is_small_safetensors_and_loads_offline():
     meta = json.loads((d / "tpdm_toy.json").read_text())
     assert meta["image_size"] == IMAGE_SIZE and meta["text_len"] == toy_text_len(d) <= TEXT_LEN
     pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a red circle on a white background"], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
+    img = pipe([prompt], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
                generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=toy_text_len(d)).images
     assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
 
