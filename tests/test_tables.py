@@ -132,3 +132,11 @@ def test_sample_and_pipeline_run_a_table(trained, tmp_path, capsys):
     assert out.nfe.tolist() == [3, 3]
     assert main(["sample", "--checkpoint", str(trained), "--prompt", PROMPTS[0], "--output", str(png),
                  "--method", "sigmas:1,2,0", "--device", "cpu"]) == 2
+
+
+def test_identical_methods_compare_with_z_zero():
+    from tpdm_rl.evaluation.compare import at_equal_nfe
+
+    x = torch.tensor([0.5, 0.7, 0.9])
+    assert at_equal_nfe(x, 5.0, {5: x.clone()})["z"] == 0.0
+    assert at_equal_nfe(x + 0.1, 5.0, {5: x})["z"] == float("inf")

@@ -40,7 +40,12 @@ def at_equal_nfe(target: torch.Tensor, target_nfe: float, family: dict[int, torc
     d = mean_se(diff)
     return {"nfe": target_nfe, "between": [lo, hi], "weight_low": w, "target": mean_se(target),
             "family": mean_se(interp), "difference": d,
-            "z": d["mean"] / d["se"] if d["se"] > 0 else (math.inf if d["mean"] > 0 else -math.inf)}
+            "z": d["mean"] / d["se"] if d["se"] > 0 else _sign_inf(d["mean"])}
+
+
+def _sign_inf(x: float) -> float:
+    """z of a difference with zero spread: +-inf, or 0 when the two methods gave identical scores."""
+    return math.inf if x > 0 else (-math.inf if x < 0 else 0.0)
 
 
 def complexity_of(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
