@@ -59,6 +59,9 @@ def test_renderer_is_deterministic_and_follows_the_layout_rules():
             assert max(gap_x, gap_y) >= MIN_GAP
         named = [(g.colour, g.shape, g.place) for g in sc.prompt.groups for _ in range(g.count)]
         assert [(o.colour, o.shape) for o in sc.objects] == [n[:2] for n in named]  # listed in the prompt's order
+        quads = [(o.x0 // 32, o.y0 // 32) for o in sc.objects]  # every object inside its own quadrant
+        assert len(set(quads)) == len(quads)
+        assert all(((o.x0 + o.size - 1) // 32, (o.y0 + o.size - 1) // 32) == q for o, q in zip(sc.objects, quads))
         lo, hi = SIZE_RANGE[len(sc.objects)]
         for o, (_, _, place) in zip(sc.objects, named):
             assert o.x0 % LATTICE == o.y0 % LATTICE == o.size % LATTICE == 0  # on the VAE's latent grid

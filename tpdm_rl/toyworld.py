@@ -14,7 +14,7 @@ for example ``two red circles, a blue square in the top left and a yellow triang
 at most 4 objects, no two groups share colour and shape, no two placed objects share a quadrant.
 
 Ambiguity varies by prompt (the places world): a placed object is fixed by the prompt (16 px, centred in its
-quadrant), an unplaced one goes anywhere it fits with a free size drawn from the seed. The number of unplaced
+quadrant), an unplaced one takes a free quadrant at random with a free size and offset drawn from the seed. The number of unplaced
 objects (0-4) is the class that should decide how many denoising steps a prompt needs. The first world's
 prompts (no places) are the "none placed" kind and still parse the same; the shipped backbone and the bundled
 ``toy-train`` / ``toy-heldout`` sets are that world's; ``toy-places-*`` balance all placed, mixed and none placed.
@@ -347,42 +347,32 @@ def placed_box(place: str, size: int = IMAGE_SIZE) -> tuple[int, int, int]:
     return round(x0 * scale), round(y0 * scale), round(PLACED_SIZE * scale)
 
 
-def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-    """Bounding boxes (x0, y0, side) at least MIN_GAP apart along some axis."""
-    gx = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]))
-    gy = max(b[1] - (a[1] + a[2]), a[1] - (b[1] + b[2]))
-    return max(gx, gy) >= MIN_GAP
-
-
 def layout(prompt: Prompt, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
     """Place the prompt's objects (listed in the order the prompt names them).
 
     A placed object is fixed by the prompt: :data:`PLACED_SIZE` px centred in its quadrant. An unplaced object
-    is free: a side from :data:`SIZE_RANGE` (by object count) and a position anywhere in the image with
-    ``CELL_MARGIN`` px to the border, both on the :data:`LATTICE`, rejection-sampled so every two bounding
-    boxes stay :data:`MIN_GAP` apart. That freedom is the world's ambiguity: the more unplaced objects, the
-    more layouts fit the prompt. Everything at 64 px, then scaled to ``size``; a pure function of ``rng``."""
+    is free: it takes a quadrant no other object holds, drawn at random, with a side from :data:`SIZE_RANGE`
+    (by object count) and an offset anywhere inside the quadrant (``CELL_MARGIN`` px to its edges), both on the
+    :data:`LATTICE`; boxes in different quadrants are therefore :data:`MIN_GAP` apart. That freedom is the
+    world's ambiguity: the more unplaced objects, the more layouts fit the prompt (a discrete choice of
+    quadrants, which a tiny backbone learns, instead of a continuum of positions, which it drew as blends).
+    Everything at 64 px, then scaled to ``size``; a pure function of ``rng``."""
     scale = size / IMAGE_SIZE
     lo, hi = SIZE_RANGE[prompt.num_objects]
     items = [(g.colour, g.shape, g.place) for g in prompt.groups for _ in range(g.count)]
-    fixed = {i: placed_box(p) for i, (_, _, p) in enumerate(items) if p}
-    for _ in range(1000):  # whole-scene restarts: a bad early draw can leave no room for a later object
-        boxes = dict(fixed)
-        for i, (_, _, p) in enumerate(items):
-            if p:
-                continue
-            s = LATTICE * int(rng.integers(lo // LATTICE, hi // LATTICE + 1))
-            slots = (IMAGE_SIZE - 2 * CELL_MARGIN - s) // LATTICE + 1
-            xy = CELL_MARGIN + LATTICE * rng.integers(0, slots, size=(64, 2))  # candidates, first fit wins
-            fit = next((b for b in ((int(x), int(y), s) for x, y in xy)
-                        if all(_apart(b, o) for o in boxes.values())), None)
-            if fit is None:
-                break
-            boxes[i] = fit
-        if len(boxes) == len(items):
-            break
-    else:
-        raise RuntimeError(f"could not lay out {prompt.text!r}")  # unreachable in practice
+    boxes = {i: placed_box(p) for i, (_, _, p) in enumerate(items) if p}
+    taken = {PLACES.index(p) for _, _, p in items if p}
+    free = [int(c) for c in rng.permutation(GRID * GRID) if int(c) not in taken]
+    grid = cells(IMAGE_SIZE)
+    for i, (_, _, p) in enumerate(items):
+        if p:
+            continue
+        cx, cy, cw, ch = grid[free.pop(0)]
+        s = LATTICE * int(rng.integers(lo // LATTICE, hi // LATTICE + 1))
+        sx = (cw - 2 * CELL_MARGIN - s) // LATTICE + 1
+        sy = (ch - 2 * CELL_MARGIN - s) // LATTICE + 1
+        ox, oy = (int(v) for v in rng.integers(0, (sx, sy)))
+        boxes[i] = (cx + CELL_MARGIN + LATTICE * ox, cy + CELL_MARGIN + LATTICE * oy, s)
     placed = [PlacedObject(c, sh, round(boxes[i][0] * scale), round(boxes[i][1] * scale), round(boxes[i][2] * scale))
               for i, (c, sh, _) in enumerate(items)]
     return Scene(prompt, placed)
