@@ -1,13 +1,13 @@
-"""The frozen SD3-family backbone: prompt-embedding cache, guided velocity, hooked TPM features.
+"""The frozen backbone (SD3 / SD3.5 or FLUX.1): prompt-embedding cache, guided velocity, hooked TPM features.
 
-We use diffusers' own transformer and read the TPM's inputs through forward hooks on
-``transformer.transformer_blocks[i]`` (block outputs) and ``transformer.time_text_embed`` (temb),
-so any SD3-family checkpoint works without a copy of diffusers' model code.
+We use diffusers' own transformer and read the TPM's inputs through forward hooks on the family's blocks
+(block outputs: image tokens reshaped to the 2-D token grid) and ``transformer.time_text_embed`` (temb), so
+any checkpoint of a supported family works without a copy of diffusers' model code. What differs between the
+families (packing, timesteps, guidance, encoders, shift) is answered by :mod:`tpdm_rl.rollout.families`.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -16,13 +16,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusion3Pipeline
 
 from tpdm_rl.utils import DTYPES, resolve_device, warn
+
+from .families import FamilyError, detect_family, family
 
 
 class BackboneError(RuntimeError):
     """The backbone could not be loaded or used (one-line message naming the path / value)."""
+
+
+def _family_for(path: str, name: str):
+    return family(detect_family(path, name))
 
 
 def check_model_index(index_file: Path) -> None:
@@ -43,7 +48,8 @@ def null_components(directory: str | os.PathLike) -> dict[str, None]:
 
     diffusers' ``from_pretrained`` refuses a folder whose required component is null (here
     ``text_encoder_3``/``tokenizer_3`` of a ``no_t5`` build) unless the caller passes it as None, as in
-    diffusers' own "drop T5" recipe: ``StableDiffusion3Pipeline.from_pretrained(dir, **null_components(dir))``.
+    diffusers' own "drop T5" recipe: ``StableDiffusion3Pipeline.from_pretrained(dir, **null_components(dir))``
+    (FLUX.1's ``text_encoder_2``/``tokenizer_2`` alike).
     """
     index = json.loads((Path(directory) / "model_index.json").read_text())
     return {name: None for name, value in index.items()
@@ -66,12 +72,14 @@ FEATURE_SOURCES = ("blocks", "paper")
 
 
 class Backbone:
-    """Frozen diffusers ``StableDiffusion3Pipeline`` with the pieces a step-wise sampler needs.
+    """A frozen diffusers pipeline (``StableDiffusion3Pipeline`` or ``FluxPipeline``) with the pieces a
+    step-wise sampler needs.
 
-    Timesteps go into the transformer in float32 (as diffusers' pipeline passes them), whatever the
-    backbone dtype: 1000 * sigma in bf16 would lose its fraction (760.74 -> 760). Prompt embeddings are
-    cached on the CPU; ``offload_text_encoders`` moves the text encoders off the accelerator once a
-    run's prompts are encoded.
+    Latents stay unpacked ``[B, 16, h, w]`` for every family. Timesteps go into the transformer in float32
+    (as diffusers' SD3 pipeline passes them), whatever the backbone dtype: 1000 * sigma in bf16 would lose its
+    fraction (760.74 -> 760). Prompt embeddings are cached on the CPU; ``offload_text_encoders`` moves the
+    text encoders off the accelerator once a run's prompts are encoded. ``family`` is detected from the
+    folder's ``model_index.json`` unless given (``sd3`` or ``flux``).
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Backbone:
         local_files_only: bool | None = None,
         feature_source: str = "blocks",
         compile: bool = False,
+        family: str = "auto",
     ) -> None:
         self.path = str(path)
         self.device = resolve_device(device)
@@ -106,7 +115,11 @@ class Backbone:
         if is_local:
             check_model_index(Path(self.path) / "model_index.json")
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
+            self.family = _family_for(self.path, family)
+        except FamilyError as exc:
+            raise BackboneError(str(exc)) from None
+        try:
+            pipe = self.family.pipeline_class.from_pretrained(
                 self.path, dtype=self.dtype, local_files_only=bool(local_files_only) or is_local,
                 **(null_components(self.path) if is_local else {}))
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line
@@ -123,10 +136,13 @@ class Backbone:
         self.guidance_scale = float(guidance_scale)
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
-        self.latent_channels = self.transformer.config.in_channels
-        self.patch_size = self.transformer.config.patch_size
+        fam = self.family
+        self.uses_cfg = fam.uses_cfg(self.guidance_scale)
+        self.latent_channels = fam.latent_channels(self.transformer)
+        self.patch_size = fam.patch_size(self.transformer)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        n_blocks = len(self.transformer.transformer_blocks)
+        self.blocks = fam.blocks(self.transformer)
+        n_blocks = len(self.blocks)
         blocks = []
         for b in feature_blocks:
             if not -n_blocks <= b < n_blocks:
@@ -135,7 +151,7 @@ class Backbone:
         self.feature_source = feature_source
         self.feature_blocks = tuple(blocks) if feature_source == "blocks" else ()
         self.feature_grid = int(feature_grid)
-        self.hidden_size = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+        self.hidden_size = fam.hidden_size(self.transformer)
         self.feature_channels = self.hidden_size * (len(self.feature_blocks) if feature_source == "blocks" else 2)
         self.temb_dim = self.hidden_size
         self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU, backbone dtype
@@ -145,11 +161,11 @@ class Backbone:
         self._hooks = []
         if feature_source == "blocks":
             for b in self.feature_blocks:
-                self._hooks.append(self.transformer.transformer_blocks[b].register_forward_hook(
+                self._hooks.append(self.blocks[b].register_forward_hook(
                     self._capture_hook(f"block{b}", tuple_index=1), with_kwargs=True))
         else:
-            self._hooks.append(self.transformer.pos_embed.register_forward_hook(self._capture_hook("pos_embed"),
-                                                                                with_kwargs=True))
+            self._hooks.append(fam.input_tokens(self.transformer).register_forward_hook(
+                self._capture_hook("pos_embed"), with_kwargs=True))
             self._hooks.append(self.transformer.norm_out.register_forward_hook(self._capture_hook("norm_out"),
                                                                                with_kwargs=True))
         self._hooks.append(self.transformer.time_text_embed.register_forward_hook(self._capture_hook("temb"),
@@ -177,10 +193,7 @@ class Backbone:
         missing = sorted({p for p in prompts if p not in self._embed_cache} - {None})
         if missing:
             self._warn_truncated([p for p in missing if p != self.negative_prompt])  # the run's prompts only
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=self._text_device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-            )
+            embeds, pooled = self.family.encode(self.pipe, missing, self._text_device, self.max_sequence_length)
             for i, p in enumerate(missing):
                 self._embed_cache[p] = (embeds[i].to("cpu", self.dtype), pooled[i].to("cpu", self.dtype))
         e = torch.stack([self._embed_cache[p][0] for p in prompts]).to(self.device)
@@ -191,7 +204,8 @@ class Backbone:
         if not prompts:
             return
         limits = []
-        for name, limit in (("tokenizer", self.pipe.tokenizer_max_length), ("tokenizer_3", self.max_sequence_length)):
+        for name, limit in (("tokenizer", self.pipe.tokenizer_max_length),
+                            (self.family.t5_tokenizer, self.max_sequence_length)):
             tok = getattr(self.pipe, name, None)
             if tok is not None:
                 lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
@@ -243,15 +257,15 @@ class Backbone:
             raise BackboneError(f"image size {height}x{width} must be a multiple of {m}")
         return (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
 
-    def default_sigmas(self, num_steps: int) -> torch.Tensor:
-        """The backbone scheduler's own (shifted) sigmas for ``num_steps`` steps, ending with 0."""
-        sched = copy.deepcopy(self.pipe.scheduler)
-        sched.set_timesteps(num_steps, device="cpu")
-        return sched.sigmas.float().cpu()
+    @property
+    def num_blocks(self) -> int:
+        """The blocks ``feature_blocks`` index (FLUX.1: double-stream then single-stream)."""
+        return len(self.blocks)
 
-    def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Diffusers' timestep for each sigma: 1000 * sigma in float32 (never rounded to the backbone dtype)."""
-        return sigma.to(self.device, torch.float32) * 1000.0
+    def default_sigmas(self, num_steps: int, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """The backbone scheduler's own (shifted) sigmas for ``num_steps`` steps, ending with 0; FLUX.1's shift
+        depends on the latent size ``latent_hw`` (h, w)."""
+        return self.family.default_sigmas(self.pipe.scheduler, num_steps, latent_hw)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -260,10 +274,10 @@ class Backbone:
         """One guided transformer call; CFG's two branches run as a single batched forward."""
         b = latents.shape[0]
         x = latents.to(self.device, self.dtype)
-        t = self.timesteps(sigma)
+        t = sigma.to(self.device, torch.float32)
         pe = prompt_embeds.to(self.device, self.dtype)
         pp = pooled_embeds.to(self.device, self.dtype)
-        cfg = self.guidance_scale > 1.0
+        cfg = self.uses_cfg
         if cfg:
             ne, npl = self.encode_prompts([self.negative_prompt])
             x = torch.cat([x, x])
@@ -273,8 +287,7 @@ class Backbone:
         self._captured = {}
         self._capture = need_features
         try:
-            out = self._forward(hidden_states=x, timestep=t, encoder_hidden_states=pe,
-                                pooled_projections=pp, return_dict=False)[0]
+            out = self.family.forward(self._forward, x, t, pe, pp, self.guidance_scale)
         finally:
             self._capture = False
         v = self._guide(out.float(), cfg)

@@ -78,7 +78,7 @@ class SamplingEngine:
         sample_keys = sample_keys.to(torch.int64).cpu()
         embeds, pooled = bb.encode_prompts(list(prompts) + list(ref.prompts))  # cached per distinct prompt
         seeds = list(noise_seeds) + list(ref.noise_seeds)
-        ref_sched = FixedSchedule(bb.default_sigmas(ref.num_steps)) if m else None
+        ref_sched = FixedSchedule(bb.default_sigmas(ref.num_steps, self.latent_shape[1:])) if m else None
         # per-trajectory settings: the policy's first, then the references'
         is_ref = torch.arange(total) >= n
         budget = torch.where(is_ref, ref.num_steps, max_steps)
@@ -175,7 +175,7 @@ class SamplingEngine:
     def run_fixed(self, prompts: list[str], noise_seeds: list[int], num_steps: int, decode: bool = True
                   ) -> Trajectories:
         """The backbone's default (shifted) schedule with ``num_steps`` steps, e.g. fidelity references."""
-        return self.run_table(prompts, noise_seeds, self.backbone.default_sigmas(num_steps), decode)
+        return self.run_table(prompts, noise_seeds, self.backbone.default_sigmas(num_steps, self.latent_shape[1:]), decode)
 
     def run_table(self, prompts: list[str], noise_seeds: list[int], sigmas: torch.Tensor, decode: bool = True
                   ) -> Trajectories:

@@ -96,14 +96,15 @@ class TPDMPipeline:
                                     feature_grid=int(settings["feature_grid"]),
                                     max_sequence_length=int(settings["max_sequence_length"]),
                                     negative_prompt=settings["negative_prompt"],
-                                    feature_source=settings.get("feature_source", "blocks"))
+                                    feature_source=settings.get("feature_source", "blocks"),
+                                    family=settings.get("backbone_family", "auto"))
             except BackboneError as exc:
                 raise BackboneError(f"{exc} (backbone of TPM {str(tpm_file)!r})") from None
         check_compatible(tpm_file, settings, spec, backbone)
         settings["backbone_path"] = backbone.path
         settings["guidance_scale"] = backbone.guidance_scale
         if settings.get("backbone_blocks") is None:
-            settings["backbone_blocks"] = len(backbone.transformer.transformer_blocks)
+            settings["backbone_blocks"] = backbone.num_blocks
         if settings.get("hidden_size") is None:
             settings["hidden_size"] = backbone.hidden_size
         settings["feature_blocks"] = list(backbone.feature_blocks)

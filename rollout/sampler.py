@@ -158,7 +158,7 @@ class MethodSampler:
             max_steps, sigma_min, sigma0 = self.max_steps, self.sigma_min, self.sigma_max
         else:
             sched = None
-            table = FixedSchedule(bb.default_sigmas(self.base_steps)).sigmas  # ends with 0
+            table = FixedSchedule(bb.default_sigmas(self.base_steps, self.latent_shape[1:])).sigmas  # ends with 0
             max_steps, sigma_min, sigma0 = self.base_steps, 0.0, float(table[0])
         embeds, pooled = bb.encode_prompts(prompts)
         x = keyed_normal_noise(seeds, self.latent_shape, device=dev)

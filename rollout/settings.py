@@ -18,12 +18,13 @@ from .backbone import Backbone
 
 def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> dict:
     """What a TPM file must carry to be used without its training config (checked at load time)."""
-    out = {"backbone_path": backbone_path, "backbone_blocks": len(backbone.transformer.transformer_blocks),
+    out = {"backbone_path": backbone_path, "backbone_blocks": backbone.num_blocks,
            "hidden_size": backbone.hidden_size}
     out.update({k: getattr(cfg.backbone, k) for k in BACKBONE_KEYS})
     out["feature_blocks"] = list(backbone.feature_blocks)
     out["feature_grid"] = backbone.feature_grid
     out["feature_source"] = backbone.feature_source
+    out["backbone_family"] = backbone.family.name
     out["backbone_fingerprint"] = backbone.fingerprint()
     out["inference"] = cfg.policy.inference
     out.update({k: getattr(cfg.rollout, k) for k in ROLLOUT_KEYS})
@@ -31,13 +32,15 @@ def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> d
 
 
 def transformer_geometry(backbone_path: str) -> tuple[int, int] | None:
-    """(number of transformer blocks, hidden size) from a local diffusers folder's config, else None."""
+    """(number of transformer blocks, hidden size) from a local diffusers folder's config, else None (FLUX.1:
+    double-stream plus single-stream blocks)."""
     cfg = Path(backbone_path) / "transformer" / "config.json"
     if not cfg.is_file():
         return None
     try:
         c = json.loads(cfg.read_text())
-        return int(c["num_layers"]), int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+        blocks = int(c["num_layers"]) + int(c.get("num_single_layers", 0))
+        return blocks, int(c["num_attention_heads"]) * int(c["attention_head_dim"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -50,7 +53,7 @@ def mismatch_error(tpm_file: Path, backbone_path: str, key: str, tpm_value, bb_v
 
 def check_compatible(tpm_file: Path, settings: dict, spec: dict, backbone: Backbone) -> None:
     """The TPM's recorded backbone geometry and feature hooks must match ``backbone`` (one-line error)."""
-    n_blocks = len(backbone.transformer.transformer_blocks)
+    n_blocks = backbone.num_blocks
     bpath = backbone.path
     if settings.get("backbone_blocks") is not None and int(settings["backbone_blocks"]) != n_blocks:
         raise mismatch_error(tpm_file, bpath, "backbone_blocks", settings["backbone_blocks"], n_blocks)

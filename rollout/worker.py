@@ -37,7 +37,7 @@ class RolloutWorker:
         self.backbone = Backbone(backbone_path, device=b.device, dtype=b.dtype, guidance_scale=b.guidance_scale,
                                  feature_blocks=tuple(b.feature_blocks), feature_grid=b.feature_grid,
                                  max_sequence_length=b.max_sequence_length, negative_prompt=b.negative_prompt,
-                                 feature_source=cfg.policy.inputs, compile=b.compile)
+                                 feature_source=cfg.policy.inputs, compile=b.compile, family=b.family)
         if b.offload_text_encoders:
             self.text_encoder_bytes_freed = self.backbone.offload_text_encoders(load_prompts(r.prompts))
         self.feature_dtype = DTYPES[b.feature_dtype]

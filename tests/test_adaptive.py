@@ -197,7 +197,7 @@ class _FakeBackbone:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (2, height // 8, width // 8)
 
-    def default_sigmas(self, num_steps: int) -> torch.Tensor:
+    def default_sigmas(self, num_steps: int, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
         t = torch.linspace(1.0, 0.0, num_steps + 1)
         return 3.0 * t / (1.0 + 2.0 * t)  # SD3's shift 3
 

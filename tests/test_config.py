@@ -80,6 +80,25 @@ def test_shipped_configs_validate():
     assert sd3.reward_pool("hpsv2").num_gpus == 0.5
 
 
+@pytest.mark.parametrize("name,family,blocks", [("flux_dev", "flux", [18, 56]), ("flux_schnell", "flux", [18, 56]),
+                                                  ("sd35_medium", "sd3", [11, 23])])
+def test_backbone_family_configs_validate_with_the_cli(name, family, blocks):
+    """`tpdm-rl config` accepts the real-size SD3.5 and FLUX.1 configs (GPU-oriented: nothing is loaded)."""
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    r = subprocess.run([sys.executable, "-m", "tpdm_rl.cli", "config", "--config", str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(str(path))
+    assert cfg.backbone.family == family and cfg.backbone.feature_blocks == blocks
+    assert cfg.backbone.resolution == 1024 and cfg.backbone.dtype == "bfloat16" and cfg.distributed.enabled
+    assert f"family: {family}" in r.stdout
+
+
+def test_backbone_family_typo_names_the_value():
+    with pytest.raises(ConfigError, match=r"backbone\.family"):
+        load_config(None, ["backbone.family=flx"])
+
+
 def test_unknown_reward_option_names_the_key():
     with pytest.raises(ConfigError, match=r"rewards\.hpsv2\.chekpoint: unknown option"):
         load_config(None, ["rewards.hpsv2.chekpoint=/x.pt"])

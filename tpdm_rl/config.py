@@ -35,14 +35,18 @@ DType = Literal["float32", "bfloat16", "float16"]
 class BackboneConfig(_Strict):
     """The frozen SD3-family backbone and the TPM's view of it."""
 
-    path: str = Field("", description="diffusers SD3 folder, hub id, builtin:toy (the shipped trained toy "
-                      "backbone), or empty for the tiny random offline backbone")
+    path: str = Field("", description="diffusers SD3/SD3.5 or FLUX.1 folder, hub id, builtin:toy (the shipped "
+                      "trained toy backbone), or empty for the tiny random offline backbone")
+    family: Literal["auto", "sd3", "flux"] = Field(
+        "auto", description="backbone family: auto (from the folder's model_index.json; for a hub id, flux if "
+        "the id names it), sd3 (SD3, SD3.5) or flux (FLUX.1 dev/schnell)")
     tiny_seed: int = Field(0, description="seed of the tiny random backbone (path empty)")
     tiny_dir: str = Field("", description="where the tiny backbone is built (default: <output>/tiny_backbone)")
     resolution: int = Field(128, ge=16, le=4096, description="image height and width in pixels")
     device: str = Field("auto", description="torch device of the backbone: auto (cuda when available), cpu, cuda:N")
     dtype: DType = Field("float32", description="backbone weights and activations dtype")
-    guidance_scale: float = Field(4.5, ge=0.0, description="classifier-free guidance scale (<= 1: no CFG)")
+    guidance_scale: float = Field(4.5, ge=0.0, description="SD3: classifier-free guidance scale (<= 1: no CFG); "
+                                  "FLUX.1-dev: the embedded guidance value (3.5 is usual); FLUX.1-schnell: unused")
     negative_prompt: str = Field("", description="the unconditional prompt of CFG")
     max_sequence_length: int = Field(32, ge=1, le=512, description="T5 tokens per prompt")
     feature_blocks: list[int] = Field(default_factory=lambda: [0, -1], min_length=1,

@@ -33,7 +33,7 @@ DEFAULT_SETTINGS: dict = {
     "backbone_path": "", "backbone_blocks": None, "hidden_size": None, "feature_blocks": [0, -1],
     "feature_grid": 8, "feature_dtype": "float32", "resolution": 1024, "guidance_scale": 7.0,
     "max_sequence_length": 77, "negative_prompt": "", "sigma_max": 1.0, "sigma_min": 0.01, "max_steps": 28,
-    "feature_source": "blocks", "backbone_fingerprint": None, "inference": "mode",
+    "feature_source": "blocks", "backbone_fingerprint": None, "inference": "mode", "backbone_family": "auto",
 }
 
 
