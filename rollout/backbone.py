@@ -47,9 +47,9 @@ def null_components(directory: str | os.PathLike) -> dict[str, None]:
     """``{name: None}`` for the components a pipeline folder's model_index.json leaves out (null).
 
     diffusers' ``from_pretrained`` refuses a folder whose required component is null (here
-    ``text_encoder_3``/``tokenizer_3`` of a ``no_t5`` build) unless the caller passes it as None, as in
-    diffusers' own "drop T5" recipe: ``StableDiffusion3Pipeline.from_pretrained(dir, **null_components(dir))``
-    (FLUX.1's ``text_encoder_2``/``tokenizer_2`` alike).
+    ``text_encoder_3``/``tokenizer_3`` of a ``no_t5`` SD3 build, ``text_encoder_2``/``tokenizer_2`` of a FLUX.1
+    one) unless the caller passes it as None, as in diffusers' own "drop T5" recipe:
+    ``StableDiffusion3Pipeline.from_pretrained(dir, **null_components(dir))`` (``FluxPipeline`` alike).
     """
     index = json.loads((Path(directory) / "model_index.json").read_text())
     return {name: None for name, value in index.items()

@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .defaults import PRESETS
+from .defaults import FLUX_PRESETS, PRESETS
 from .threads import apply_threads
 
 
@@ -34,8 +34,16 @@ def cmd_make_random_backbone(args: argparse.Namespace) -> int:
                                layers=args.layers, progress=lambda line: print(f"  {line}", flush=True))
     print(f"random {args.preset} backbone written to {out} in {time.perf_counter() - t0:.0f} s "
           f"(seed {args.seed}, {args.dtype}{', no T5' if args.no_t5 else ''}"
-          f"{f', transformer depth {args.layers}' if args.layers else ''}; random weights: images are noise)")
+          f"{_depth_note(args.preset, args.layers)}; random weights: images are noise)")
     return 0
+
+
+def _depth_note(preset: str, layers: int | None) -> str:
+    if not layers:
+        return ""
+    if preset in FLUX_PRESETS:
+        return f", {layers} double-stream + {2 * layers} single-stream blocks"
+    return f", transformer depth {layers}"
 
 
 def cmd_make_toy_backbone(args: argparse.Namespace) -> int:
@@ -108,16 +116,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="torch threads for training (0: the CPUs idle at start, see docs/threads.md)")
     toy.set_defaults(func=cmd_make_toy_backbone)
 
-    rb = sub.add_parser("make-random-backbone", help="write a real-size SD3 pipeline with random weights (no download)",
-                        description="Writes a diffusers SD3 folder with the real configurations of the chosen "
-                                    "checkpoint (transformer, CLIP-L, CLIP-G, T5-XXL, VAE) and random weights, for "
-                                    "sizing machines and timing rollouts offline. Disk and memory are checked first.")
+    rb = sub.add_parser("make-random-backbone",
+                        help="write a real-size SD3 or FLUX.1 pipeline with random weights (no download)",
+                        description="Writes a diffusers SD3 or FLUX.1 folder with the real configurations of the "
+                                    "chosen checkpoint (SD3: transformer, CLIP-L, CLIP-G, T5-XXL, VAE; FLUX.1: "
+                                    "transformer, CLIP-L, T5-XXL, VAE) and random weights, for sizing machines and "
+                                    "timing rollouts offline. Disk and memory are checked first.")
     rb.add_argument("dir", help="new (or empty) folder for the diffusers pipeline")
-    rb.add_argument("--preset", required=True, metavar="|".join(PRESETS), help="which SD3 checkpoint to imitate")
-    rb.add_argument("--no-t5", action="store_true", help="leave out the T5-XXL encoder (the pipeline feeds zeros)")
+    rb.add_argument("--preset", required=True, metavar="|".join(PRESETS),
+                    help="which SD3 or FLUX.1 checkpoint to imitate")
+    rb.add_argument("--no-t5", action="store_true",
+                    help="leave out the T5-XXL encoder (SD3's pipeline feeds zeros; FLUX.1's needs prompt_embeds "
+                         "passed in)")
     rb.add_argument("--dtype", default="bfloat16", metavar="bfloat16|float16|float32",
                     help="dtype of the saved weights (default bfloat16)")
     rb.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     rb.add_argument("--layers", type=int, default=None, metavar="N",
-                    help="transformer depth instead of the preset's (scaled-down builds)")
+                    help="transformer depth instead of the preset's (scaled-down builds): SD3: N blocks; "
+                         "FLUX.1: N double-stream and 2N single-stream blocks")
     rb.set_defaults(func=cmd_make_random_backbone)

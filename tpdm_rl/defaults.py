@@ -6,5 +6,7 @@ from __future__ import annotations
 DEFAULT_METHODS = "tpm,fixed:28,fixed:14,adaptive:0.01"
 #: ``tpdm-rl eval --pareto-steps`` default: the fixed:N curve
 DEFAULT_PARETO_STEPS = (4, 6, 8, 12, 16, 20, 28)
-#: ``tpdm-rl make-random-backbone --preset`` choices
-PRESETS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+#: ``tpdm-rl make-random-backbone --preset`` choices: the Stable Diffusion 3 family, then FLUX.1
+SD3_PRESETS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+FLUX_PRESETS = ("flux-dev", "flux-schnell")
+PRESETS = SD3_PRESETS + FLUX_PRESETS

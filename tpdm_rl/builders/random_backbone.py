@@ -1,4 +1,4 @@
-"""Real-size Stable Diffusion 3 pipeline folders with random weights, built offline (no download).
+"""Real-size Stable Diffusion 3 and FLUX.1 pipeline folders with random weights, built offline (no download).
 
 ``make_random_backbone(dir, "sd3-medium")`` writes a diffusers folder whose components carry the
 *real* configurations of the published checkpoints (the MMDiT transformer of SD3 medium, SD3.5 medium
@@ -8,15 +8,22 @@ or SD3.5 large, CLIP ViT-L/14 and OpenCLIP bigG text encoders, the T5 v1.1 XXL e
 sharding and dtype behave as with the real weights, only the images are noise. Use it to size
 machines, time rollouts and test multi-GPU code where the real checkpoints cannot be downloaded.
 
+``make_random_backbone(dir, "flux-dev")`` (or ``"flux-schnell"``) does the same for FLUX.1: the
+``FluxTransformer2DModel`` of 19 double-stream and 38 single-stream blocks (width 3072, 24 heads of 128,
+with the guidance embedder for dev only), CLIP ViT-L/14 (``CLIPTextModel``, pooled output only) and
+T5 v1.1 XXL, FLUX's 16-channel VAE and the scheduler of the checkpoint (dev: resolution-dependent
+shift; schnell: none), loaded with ``FluxPipeline.from_pretrained(dir)``.
+
 The tokenizers are stand-ins with the real vocabulary sizes and special-token ids (CLIP: 49408
 entries, ``<|startoftext|>``/``<|endoftext|>`` = 49406/49407, 77 tokens; T5: 32000 pieces plus 100
 ``<extra_id_N>``, ``<pad>``/``</s>``/``<unk>`` = 0/1/2, 512 tokens) but no learned merges: they split
 text into byte-level characters (CLIP) or single characters (T5).
 
 Components are built one at a time, directly in the target dtype, saved and freed, so the peak
-memory is about the largest component (the T5-XXL encoder, 4.76e9 parameters, or the SD3.5-large
-transformer, 8.06e9). Before anything is written the disk and memory needs are computed from the
-parameter counts of the models built on the meta device and compared with what the machine has.
+memory is about the largest component (the T5-XXL encoder, 4.76e9 parameters, the SD3.5-large
+transformer, 8.06e9, or the FLUX.1 transformer, 11.9e9). Before anything is written the disk and
+memory needs are computed from the parameter counts of the models built on the meta device and
+compared with what the machine has.
 """
 
 from __future__ import annotations
@@ -34,16 +41,30 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
-from tpdm_rl.defaults import PRESETS
+from tpdm_rl.defaults import FLUX_PRESETS, PRESETS
 from tpdm_rl.utils import DTYPE_ALIASES, DTYPES, replace_folder, write_json_atomic
 
 from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
 
-#: the model components, in the order they are built and written
+#: the model components, in the order they are built and written (SD3; FLUX.1 in ``FLUX_MODELS``)
 MODELS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")
+#: FLUX.1's: CLIP-L (pooled output), T5-XXL, the VAE, the transformer
+FLUX_MODELS = ("text_encoder", "text_encoder_2", "vae", "transformer")
 MARKER = "tpdm_random.json"
 CLIP_VOCAB = 49408
 CLIP_MAX_LENGTH = 77
@@ -65,6 +86,16 @@ class RandomBackboneError(ValueError):
 
 class PresetError(RandomBackboneError):
     """A bad request: unknown preset or dtype, a bad layer count, inconsistent overrides."""
+
+
+def is_flux(preset: str) -> bool:
+    """Whether ``preset`` is a FLUX.1 one (``FluxPipeline``) rather than an SD3 one."""
+    return preset in FLUX_PRESETS
+
+
+def models(preset: str) -> tuple[str, ...]:
+    """The model components of ``preset``'s pipeline, in build order."""
+    return FLUX_MODELS if is_flux(preset) else MODELS
 
 
 def _transformer_config(preset: str) -> dict[str, Any]:
@@ -112,45 +143,102 @@ def _base_configs() -> dict[str, dict[str, Any]]:
     return {
         "text_encoder": _clip_config(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14
         "text_encoder_2": _clip_config(1280, 32, 20, "gelu"),  # OpenCLIP ViT-bigG/14
-        "text_encoder_3": {  # google/t5-v1_1-xxl, encoder only
-            "vocab_size": T5_MODEL_VOCAB,
-            "d_model": 4096,
-            "d_kv": 64,
-            "d_ff": 10240,
-            "num_layers": 24,
-            "num_decoder_layers": 24,
-            "num_heads": 64,
-            "relative_attention_num_buckets": 32,
-            "relative_attention_max_distance": 128,
-            "dropout_rate": 0.1,
-            "layer_norm_epsilon": 1e-6,
-            "initializer_factor": 1.0,
-            "feed_forward_proj": "gated-gelu",
-            "is_encoder_decoder": True,
-            "tie_word_embeddings": False,
-            "pad_token_id": 0,
-            "eos_token_id": 1,
-            "decoder_start_token_id": 0,
-        },
-        "vae": {  # SDXL's VAE layout with 16 latent channels, no (post-)quant convs
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "act_fn": "silu",
-            "latent_channels": 16,
-            "norm_num_groups": 32,
-            "sample_size": 1024,
-            "scaling_factor": 1.5305,
-            "shift_factor": 0.0609,
-            "force_upcast": True,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-            "mid_block_add_attention": True,
+        "text_encoder_3": _t5_config(),
+        "vae": _vae_config(scaling_factor=1.5305, shift_factor=0.0609),
+    }
+
+
+def _t5_config() -> dict[str, Any]:
+    """google/t5-v1_1-xxl, encoder only (SD3's text_encoder_3, FLUX.1's text_encoder_2)."""
+    return {
+        "vocab_size": T5_MODEL_VOCAB,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1,
+        "layer_norm_epsilon": 1e-6,
+        "initializer_factor": 1.0,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": True,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
+
+
+def _vae_config(scaling_factor: float, shift_factor: float) -> dict[str, Any]:
+    """SDXL's VAE layout with 16 latent channels, no (post-)quant convs (SD3 and FLUX.1: only the latent
+    scaling and shift differ)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 16,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "force_upcast": True,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+    }
+
+
+def flux_rope_axes(attention_head_dim: int) -> tuple[int, int, int]:
+    """The rotary dims of FLUX's three position axes (text/index, row, column) for a head width: they fill the
+    head (sum = ``attention_head_dim``), each even, in FLUX's proportion 1/8 : 7/16 : 7/16 ((16, 56, 56) at 128)
+    as far as evenness allows; e.g. (4, 6, 6) at 16."""
+    if isinstance(attention_head_dim, bool) or not isinstance(attention_head_dim, int) or attention_head_dim < 6 \
+            or attention_head_dim % 2:
+        raise PresetError(f"make-random-backbone: a FLUX head width must be an even integer >= 6, got "
+                          f"{attention_head_dim!r}")
+    side = 2 * ((attention_head_dim - 2 * max(1, round(attention_head_dim / 16))) // 4)
+    return (attention_head_dim - 2 * side, side, side)
+
+
+def _flux_configs(preset: str) -> dict[str, dict[str, Any]]:
+    # black-forest-labs/FLUX.1-dev and FLUX.1-schnell: the same transformer but for dev's guidance embedder
+    # (guidance distillation); CLIP ViT-L/14 text (pooled output), T5 v1.1 XXL, FLUX's VAE
+    return {
+        "text_encoder": _clip_config(768, 12, 12, "quick_gelu"),
+        "text_encoder_2": _t5_config(),
+        "vae": _vae_config(scaling_factor=0.3611, shift_factor=0.1159),
+        "transformer": {
+            "patch_size": 1,
+            "in_channels": 64,  # 16 latent channels packed in 2 x 2 patches by the pipeline
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": preset == "flux-dev",
+            "axes_dims_rope": (16, 56, 56),
         },
     }
+
+
+def scheduler_config(preset: str) -> dict[str, Any]:
+    """Keywords of ``preset``'s ``FlowMatchEulerDiscreteScheduler``: SD3's fixed shift 3; FLUX.1-dev's shift that
+    grows with the image's token count (``mu`` of diffusers' ``calculate_shift``: 0.5 at 256 tokens, 1.15 at
+    4096); FLUX.1-schnell's unshifted schedule."""
+    _check_name("preset", preset, PRESETS)
+    if not is_flux(preset):
+        return {"num_train_timesteps": 1000, "shift": 3.0}
+    dev = preset == "flux-dev"
+    return {"num_train_timesteps": 1000, "shift": 3.0 if dev else 1.0, "use_dynamic_shifting": dev,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 
 
 def _check_name(kind: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -168,15 +256,20 @@ def configs(preset: str, no_t5: bool = False, layers: int | None = None,
             overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The configuration (constructor keywords) of each model component; without T5 when ``no_t5``.
 
-    ``layers`` sets the transformer depth (SD3.5's dual-attention blocks are then those below it);
+    ``layers`` sets the transformer depth: SD3: N joint blocks (SD3.5's dual-attention blocks are then
+    those below N); FLUX.1: N double-stream and 2N single-stream blocks (the real 19 + 38 keep that ratio).
     ``overrides`` (component -> {key: value}) changes existing keys, e.g. for scaled-down test builds.
     The result is checked for consistency (widths the pipeline joins must match).
     """
     _check_name("preset", preset, PRESETS)
-    cfgs = _base_configs()
-    cfgs["transformer"] = _transformer_config(preset)
+    flux = is_flux(preset)
+    if flux:
+        cfgs = _flux_configs(preset)
+    else:
+        cfgs = _base_configs()
+        cfgs["transformer"] = _transformer_config(preset)
     for name, changes in (overrides or {}).items():
-        _check_name("component", name, MODELS)
+        _check_name("component", name, models(preset))
         unknown = sorted(set(changes) - set(cfgs[name]))
         if unknown:
             raise PresetError(f"make-random-backbone: {name} has no configuration key(s) {', '.join(unknown)}")
@@ -186,11 +279,42 @@ def configs(preset: str, no_t5: bool = False, layers: int | None = None,
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise PresetError(f"make-random-backbone: --layers must be a positive integer, got {layers!r}")
         tr["num_layers"] = layers
+        if flux:
+            tr["num_single_layers"] = 2 * layers
+    if flux:
+        if no_t5:
+            del cfgs["text_encoder_2"]
+        _check_flux_consistent(cfgs)
+        return {name: cfgs[name] for name in FLUX_MODELS if name in cfgs}
     tr["dual_attention_layers"] = tuple(i for i in tr["dual_attention_layers"] if i < tr["num_layers"])
     if no_t5:
         del cfgs["text_encoder_3"]
     _check_consistent(cfgs)
     return {name: cfgs[name] for name in MODELS if name in cfgs}
+
+
+def _fail_unless(rules: list[tuple[bool, str]]) -> None:
+    for ok, message in rules:
+        if not ok:
+            raise PresetError(f"make-random-backbone: inconsistent configuration: {message}")
+
+
+def _check_flux_consistent(cfgs: dict[str, dict[str, Any]]) -> None:
+    tr, te, vae = cfgs["transformer"], cfgs["text_encoder"], cfgs["vae"]
+    axes = tuple(tr["axes_dims_rope"])
+    rules = [
+        (len(axes) == 3 and all(a > 0 and a % 2 == 0 for a in axes),
+         "transformer axes_dims_rope must be three positive even numbers"),
+        (sum(axes) == tr["attention_head_dim"], "transformer axes_dims_rope must add up to attention_head_dim"),
+        (tr["pooled_projection_dim"] == te["hidden_size"],
+         "transformer pooled_projection_dim must equal the CLIP hidden size (its pooled output)"),
+        (tr["in_channels"] == 4 * vae["latent_channels"] and tr["patch_size"] == 1,
+         "transformer in_channels must be 4 x the VAE's latent channels (2 x 2 packing) with patch_size 1"),
+    ]
+    if "text_encoder_2" in cfgs:
+        rules.append((tr["joint_attention_dim"] == cfgs["text_encoder_2"]["d_model"],
+                      "transformer joint_attention_dim must equal the T5 d_model"))
+    _fail_unless(rules)
 
 
 def _check_consistent(cfgs: dict[str, dict[str, Any]]) -> None:
@@ -208,13 +332,20 @@ def _check_consistent(cfgs: dict[str, dict[str, Any]]) -> None:
     if "text_encoder_3" in cfgs:
         rules.append((tr["joint_attention_dim"] == cfgs["text_encoder_3"]["d_model"],
                       "transformer joint_attention_dim must equal the T5 d_model"))
-    for ok, message in rules:
-        if not ok:
-            raise PresetError(f"make-random-backbone: inconsistent configuration: {message}")
+    _fail_unless(rules)
 
 
-def _construct(name: str, cfg: dict[str, Any]) -> torch.nn.Module:
-    """Build one component with the current default device and dtype (random init)."""
+def _construct(name: str, cfg: dict[str, Any], flux: bool = False) -> torch.nn.Module:
+    """Build one component (of an SD3 pipeline, or of a FLUX.1 one when ``flux``) with the current default
+    device and dtype (random init)."""
+    if flux:
+        if name == "transformer":
+            return FluxTransformer2DModel(**cfg)
+        if name == "vae":
+            return AutoencoderKL(**cfg)
+        if name == "text_encoder_2":
+            return T5EncoderModel(T5Config(**cfg))
+        return CLIPTextModel(CLIPTextConfig(**cfg))
     if name == "transformer":
         return SD3Transformer2DModel(**cfg)
     if name == "vae":
@@ -256,9 +387,27 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def shrunk_overrides(attention_head_dim: int, sample_size: int) -> dict[str, dict[str, Any]]:
+def shrunk_overrides(attention_head_dim: int, sample_size: int,
+                     preset: str = "sd3-medium") -> dict[str, dict[str, Any]]:
     """``overrides`` that shrink every width to a few dozen (2 heads, 16-wide CLIPs, 32-wide T5, 8-channel VAE), for
-    tests and smoke runs of the real-size code paths; the transformer's head width and latent size as given."""
+    tests and smoke runs of the real-size code paths; the transformer's head width and latent size as given.
+
+    For a FLUX.1 ``preset`` the rotary axes are re-split to fill the head (``flux_rope_axes``: sum =
+    ``attention_head_dim``) and ``sample_size`` is not used (FLUX's rotary positions have no grid to size).
+    """
+    _check_name("preset", preset, PRESETS)
+    if is_flux(preset):
+        return {
+            "transformer": {"num_attention_heads": 2, "attention_head_dim": attention_head_dim,
+                            "axes_dims_rope": flux_rope_axes(attention_head_dim), "joint_attention_dim": 32,
+                            "pooled_projection_dim": 16},
+            "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "projection_dim": 16},
+            "text_encoder_2": {"d_model": 32, "d_ff": 32, "d_kv": 8, "num_heads": 4, "num_layers": 1,
+                               "relative_attention_num_buckets": 8},
+            "vae": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4,
+                    "sample_size": 64},
+        }
     return {
         "transformer": {"num_attention_heads": 2, "attention_head_dim": attention_head_dim,
                         "caption_projection_dim": 2 * attention_head_dim, "joint_attention_dim": 32,
@@ -287,7 +436,7 @@ def estimate(preset: str, no_t5: bool = False, dtype: str = "bfloat16", layers: 
     peak, peak_name = 0, ""
     with torch.device("meta"):
         for comp, cfg in cfgs.items():
-            model = _construct(comp, cfg)
+            model = _construct(comp, cfg, flux=is_flux(preset))
             params, buffers = _count(model)
             nbytes = (params + buffers) * itemsize
             components[comp] = {"class": type(model).__name__, "params": params, "buffer_elements": buffers,
@@ -382,19 +531,38 @@ def _library(obj: Any) -> list[str | None]:
     return [type(obj).__module__.split(".")[0], type(obj).__name__]
 
 
+def _tokenizers_and_index(preset: str, no_t5: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tokenizer name -> tokenizer or None, model_index.json before the models) of ``preset``'s pipeline."""
+    if is_flux(preset):
+        tokenizers = {"tokenizer": _clip_tokenizer("<|endoftext|>"), "tokenizer_2": None if no_t5 else _t5_tokenizer()}
+        pipeline, t5 = "FluxPipeline", "text_encoder_2"
+    else:
+        tokenizers = {"tokenizer": _clip_tokenizer("<|endoftext|>"), "tokenizer_2": _clip_tokenizer("!"),
+                      "tokenizer_3": None if no_t5 else _t5_tokenizer()}
+        pipeline, t5 = "StableDiffusion3Pipeline", "text_encoder_3"
+    index: dict[str, Any] = {"_class_name": pipeline,
+                             "_diffusers_version": diffusers.__version__,
+                             "feature_extractor": [None, None], "image_encoder": [None, None],
+                             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                             **{k: _library(v) for k, v in tokenizers.items()}, t5: [None, None]}
+    return tokenizers, index
+
+
 def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool = False, dtype: str = "bfloat16",
                          seed: int = 0, layers: int | None = None,
                          overrides: Mapping[str, Mapping[str, Any]] | None = None,
                          progress: Callable[[str], None] | None = None) -> Path:
-    """Write a random ``preset`` SD3 pipeline to the new (or empty) folder ``directory``; return its path.
+    """Write a random ``preset`` SD3 or FLUX.1 pipeline to the new (or empty) folder ``directory``; return its path.
 
     Deterministic for ``seed``. Nothing is written when the request is bad or the disk or memory is too
     small (``RandomBackboneError``, one line). The components are written into a sibling folder that
     is renamed to ``directory`` at the end, so an interrupted build leaves no half folder behind.
-    Without T5 (``no_t5``) ``text_encoder_3`` and ``tokenizer_3`` are null in model_index.json: load
-    such a folder with ``from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)`` (see
-    ``null_components``); the pipeline then feeds zeros in place of the T5 embeddings. ``MARKER``
-    records the request and the parameter counts.
+    Without T5 (``no_t5``) ``text_encoder_3`` and ``tokenizer_3`` (FLUX.1: ``text_encoder_2`` and
+    ``tokenizer_2``) are null in model_index.json: load such a folder with
+    ``from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)`` (see ``null_components``); the SD3
+    pipeline then feeds zeros in place of the T5 embeddings, while ``FluxPipeline`` has no such fallback
+    and needs ``prompt_embeds`` and ``pooled_prompt_embeds`` passed in. ``layers``: see ``configs``.
+    ``MARKER`` records the request and the parameter counts.
     """
     say = progress or (lambda _msg: None)
     out = Path(directory)
@@ -404,22 +572,16 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
     torch_dtype = DTYPES[est["dtype"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     with replace_folder(out) as tmp:  # out is new or empty (checked above)
-        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(tmp / "scheduler")
-        tokenizers = {"tokenizer": _clip_tokenizer("<|endoftext|>"), "tokenizer_2": _clip_tokenizer("!"),
-                      "tokenizer_3": None if no_t5 else _t5_tokenizer()}
+        FlowMatchEulerDiscreteScheduler(**scheduler_config(preset)).save_pretrained(tmp / "scheduler")
+        tokenizers, index = _tokenizers_and_index(preset, no_t5)
         for name, tok in tokenizers.items():
             if tok is not None:
                 tok.save_pretrained(tmp / name)
-        index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline",
-                                 "_diffusers_version": diffusers.__version__,
-                                 "feature_extractor": [None, None], "image_encoder": [None, None],
-                                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                                 **{k: _library(v) for k, v in tokenizers.items()}, "text_encoder_3": [None, None]}
         for name, cfg in cfgs.items():
             t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]), torch.device("cpu"), default_dtype(torch_dtype):
                 torch.manual_seed(_seed_for(seed, name))
-                model = _construct(name, cfg)
+                model = _construct(name, cfg, flux=is_flux(preset))
                 _cast(model, torch_dtype)
             model.save_pretrained(tmp / name, safe_serialization=True, max_shard_size=SHARD_SIZE)
             index[name] = _library(model)

@@ -42,7 +42,8 @@ def tiny_clip_tokenizer() -> tuple[CLIPTokenizer, int]:
     return tok, tok.vocab_size
 
 
-def _t5_tokenizer() -> tuple[T5TokenizerFast, int]:
+def tiny_t5_tokenizer() -> tuple[T5TokenizerFast, int]:
+    """A unigram T5 tokenizer of single characters (``TINY_T5_MAX_LEN`` tokens); returns (tokenizer, vocab size)."""
     tok = t5_tokenizer([(WORD_START, -1.0), *character_pieces(T5_CHARS, -2.0, -1.5)], TINY_T5_MAX_LEN)
     return tok, tok.vocab_size
 
@@ -94,7 +95,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
         )
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-        t5_tok, t5_vocab = _t5_tokenizer()
+        t5_tok, t5_vocab = tiny_t5_tokenizer()
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=t5_vocab, d_model=TINY_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
             relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
