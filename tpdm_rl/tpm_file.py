@@ -139,6 +139,7 @@ def _legacy_settings(tpm_file: Path) -> dict | None:
     out.update({k: b[k] for k in BACKBONE_KEYS if k in b})
     out.update({k: r[k] for k in ROLLOUT_KEYS if k in r})
     out["backbone_path"] = path
+    out["backbone_family"] = b.get("family", "auto")
     return out
 
 
