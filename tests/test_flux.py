@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import run_cli_in_process, small_overrides
 from diffusers import FluxPipeline
-
-from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
-from tpdm_rl.builders.tiny_flux_backbone import make_tiny_flux_backbone
-from tpdm_rl.config import load_config
-from tpdm_rl.controller import Controller
 from tpdm_rl.rollout.backbone import Backbone, BackboneError
 from tpdm_rl.rollout.engine import SamplingEngine
 from tpdm_rl.rollout.families import detect_family, pack_latents, unpack_latents
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.schedules import FixedSchedule
+
+from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
+from tpdm_rl.builders.tiny_flux_backbone import make_tiny_flux_backbone
+from tpdm_rl.config import load_config
+from tpdm_rl.controller import Controller
 from tpdm_rl.utils import read_metrics
 
 PROMPTS = ["a red circle", "two blue squares on a white background"]
