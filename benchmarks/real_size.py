@@ -1,22 +1,33 @@
-"""Real-size readiness: SD3-Medium (random weights) rollout, learner, weight sync and reward-model timings.
+"""Real-size readiness: SD3 / FLUX.1 (random weights) rollout, learner, weight sync and reward-model timings.
 
-Builds the random SD3-Medium pipeline folder (``make_random_backbone``: the real configurations, random
-weights, bf16, no T5 unless ``--t5``) in a temporary folder and measures, per resolution and batch size:
+Builds the random pipeline folder of ``--preset`` (sd3-medium, the default; sd3.5-medium; flux-dev;
+flux-schnell) with ``make_random_backbone`` (the real configurations, random weights, bf16, no T5 unless
+``--t5``) in a temporary folder and measures, per resolution and batch size:
 seconds per backbone call, the time shares of a rollout (transformer, feature pooling, TPM, VAE decode,
 bookkeeping), static vs continuous batching with a TPM whose step counts vary (interleaved A/B repeats,
-medians), slot utilisation, peak memory and the bytes stored per step. Then, with the settings of
-configs/sd3_medium.yaml: the learner update of one iteration on features of the real shape, the TPM weight
-sync (pickled as Ray's object store does), the memory the text-encoder offload frees, and the reward models
-(HPSv2 ViT-H-14, the aesthetic ViT-L/14 + MLP, ImageReward BLIP-L) at real size with random bf16 weights.
+medians), slot utilisation, peak memory and the bytes stored per step. Then, with the settings of the
+preset's config (``CONFIGS``: configs/sd3_medium.yaml, sd35_medium.yaml, flux_dev.yaml, flux_schnell.yaml):
+the learner update of one iteration on features of the real shape, the TPM weight sync (pickled as Ray's
+object store does), the memory the text-encoder offload frees (SD3: CLIP-L + CLIP-G + T5-XXL; FLUX.1: CLIP-L +
+T5-XXL), and the reward models (HPSv2 ViT-H-14, the aesthetic ViT-L/14 + MLP, ImageReward BLIP-L) at real size
+with random bf16 weights.
+
+``--layers N`` reduces the depth (SD3: N joint blocks of 24; FLUX.1: N double-stream and 2N single-stream
+blocks of 19 + 38); the config's feature blocks are then moved to the same relative depth (``scaled_blocks``),
+for the backbone's hooks and the learner's TPM alike.
 
 GPU defaults: 512 and 1024 px, batch 1-16. CPU defaults: 256 px, batch 1 and 2 (the GPU rows are then
 marked pending in the JSON). ``--smoke`` shrinks every width (tests only: its numbers mean nothing).
 Every section is guarded: a failure is recorded as an error string and the others still run.
 
-    python benchmarks/real_size.py [--device auto|cpu|cuda] [--threads N] [--resolutions 512,1024]
+    python benchmarks/real_size.py [--preset sd3-medium|sd3.5-medium|flux-dev|flux-schnell]
+        [--device auto|cpu|cuda] [--threads N] [--resolutions 512,1024]
         [--batch-sizes 1,2,4,8,16] [--repeats R] [--layers N] [--t5] [--learner-rows N]
         [--sections learner,weight_sync,backbone,rewards] [--workdir DIR]
-        [--out benchmarks/results/real_size_<device>.json] [--smoke]
+        [--out benchmarks/results/real_size_<device>[_<preset>].json] [--smoke]
+
+The default output is ``real_size_<device>.json`` for sd3-medium and ``real_size_<device>_<preset>.json`` for
+the other presets.
 
 A long GPU run can be split (each part its own ``--out``): ``--workdir DIR`` keeps the built folder and a later
 run with the same settings loads it instead of building it again.
@@ -53,16 +64,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "sd3_medium.yaml"
-PRESET = "sd3-medium"
-STORAGE_DTYPE = torch.bfloat16  # configs/sd3_medium.yaml: backbone.dtype and backbone.feature_dtype
+#: ``--preset`` -> the config whose settings the run uses (the first is the default)
+CONFIGS = {"sd3-medium": "sd3_medium.yaml", "sd3.5-medium": "sd35_medium.yaml", "flux-dev": "flux_dev.yaml",
+           "flux-schnell": "flux_schnell.yaml"}
+DEFAULT_PRESET = "sd3-medium"
+STORAGE_DTYPE = torch.bfloat16  # every preset's config: backbone.dtype and backbone.feature_dtype
 PROMPTS = [f"a photo of benchmark subject {i}, detailed, natural light" for i in range(8)]
-GPU_PENDING = ("pending: run `python benchmarks/real_size.py --device cuda` on a GPU machine "
-               "(512 and 1024 px, batch 1-16)")
 
 #: ``--smoke``: every width tiny (2 heads of 16 = hidden 32), so the script runs in about a minute on a CPU
 SMOKE_HEAD_DIM = SMOKE_SAMPLE_SIZE = 16
-SMOKE_LAYERS = 2
+SMOKE_LAYERS = 2  # FLUX.1: 2 double-stream + 4 single-stream blocks
+
+
+def config_path(preset: str) -> Path:
+    return REPO / "configs" / CONFIGS[preset]
+
+
+def gpu_pending(preset: str) -> str:
+    flag = "" if preset == DEFAULT_PRESET else f" --preset {preset}"
+    return (f"pending: run `python benchmarks/real_size.py{flag} --device cuda` on a GPU machine "
+            "(512 and 1024 px, batch 1-16)")
+
+
+def transformer_depth(tr_cfg: dict) -> int:
+    """The blocks a transformer configuration has that ``feature_blocks`` can index (FLUX.1: double-stream plus
+    single-stream)."""
+    return int(tr_cfg["num_layers"]) + int(tr_cfg.get("num_single_layers", 0))
 
 #: ImageReward v1.0: BLIP ViT-L/16 at 224 px (what ``vision_config_from_state`` reads off ImageReward.pt) and
 #: BLIP's BERT-base ``med_config.json``
@@ -170,13 +197,16 @@ def expected_steps(init_ratio: float, concentration: float, sigma_min: float, ma
 # ---------------------------------------------------------------------------- settings and environment
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=list(CONFIGS),
+                    help="which random backbone, with its config's settings (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPUs available)")
     ap.add_argument("--resolutions", default="", help="comma-separated px (default: GPU 512,1024; CPU 256)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated slots (default: GPU 1,2,4,8,16; CPU 1,2)")
     ap.add_argument("--repeats", type=int, default=0, help="interleaved repeats per measurement (default: GPU 3, "
                     "CPU 1, smoke 2); medians are reported")
-    ap.add_argument("--layers", type=int, default=None, help="transformer depth (default: the real 24)")
+    ap.add_argument("--layers", type=int, default=None, help="transformer depth: SD3 N joint blocks, FLUX.1 N "
+                    "double-stream + 2N single-stream blocks (default: the real 24, or 19 + 38)")
     ap.add_argument("--t5", action="store_true", help="build the T5-XXL encoder too (default: no T5, as the "
                     "rollout workers offload the text encoders anyway)")
     ap.add_argument("--trajectories-per-slot", type=int, default=0, help="trajectories per row = this x batch "
@@ -188,14 +218,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--init-concentration", type=float, default=0.0, help="benchmark TPM's Beta concentration, low "
                     "for varied step counts (default: GPU 6, CPU 5)")
     ap.add_argument("--learner-rows", type=int, default=0, help="learner rows (default: GPU the real count of one "
-                    "configs/sd3_medium.yaml iteration; CPU 256; smoke 32)")
+                    "iteration of the preset's config; CPU 256; smoke 32)")
     ap.add_argument("--reward-batch", type=int, default=0, help="images per reward forward (default: GPU 32, CPU 2)")
     ap.add_argument("--sections", default="learner,weight_sync,backbone,rewards",
                     help="which sections to run (comma-separated)")
     ap.add_argument("--workdir", default="", help="where the random backbone is built and kept, reused by a later "
                     "run with the same settings (default: a temporary folder, removed at the end)")
-    ap.add_argument("--out", default="", help="results JSON (default: benchmarks/results/real_size_<device>.json; "
-                    "with --smoke a file in the temporary folder)")
+    ap.add_argument("--out", default="", help="results JSON (default: benchmarks/results/real_size_<device>.json, "
+                    "real_size_<device>_<preset>.json for a preset other than sd3-medium; with --smoke a file in "
+                    "the temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths and few steps (tests only)")
     return ap.parse_args(argv)
 
@@ -206,15 +237,21 @@ def _ints(text: str) -> list[int]:
 
 def settings(args: argparse.Namespace, device: torch.device, cfg) -> dict:
     """Every knob of the run, device-dependent defaults filled in."""
-    from tpdm_rl.builders.random_backbone import shrunk_overrides
+    from tpdm_rl.builders.random_backbone import configs, is_flux, shrunk_overrides
 
     gpu = device.type == "cuda"
+    preset = args.preset
     layers = args.layers if args.layers is not None else (SMOKE_LAYERS if args.smoke else None)
-    out = args.out or (str(Path(tempfile.gettempdir()) / f"real_size_{device.type}_smoke.json") if args.smoke
-                       else f"benchmarks/results/real_size_{device.type}.json")
+    tail = "" if preset == DEFAULT_PRESET else f"_{preset}"
+    out = args.out or (str(Path(tempfile.gettempdir()) / f"real_size_{device.type}{tail}_smoke.json") if args.smoke
+                       else f"benchmarks/results/real_size_{device.type}{tail}.json")
+    overrides = shrunk_overrides(SMOKE_HEAD_DIM, SMOKE_SAMPLE_SIZE, preset=preset) if args.smoke else {}
+    depth = transformer_depth(configs(preset, no_t5=not args.t5, layers=layers, overrides=overrides)["transformer"])
+    full_depth = transformer_depth(configs(preset)["transformer"])
     return {
-        "preset": PRESET, "dtype": "bfloat16", "no_t5": not args.t5, "layers": layers, "smoke": args.smoke,
-        "overrides": shrunk_overrides(SMOKE_HEAD_DIM, SMOKE_SAMPLE_SIZE) if args.smoke else {},
+        "preset": preset, "family": "flux" if is_flux(preset) else "sd3", "dtype": "bfloat16",
+        "no_t5": not args.t5, "layers": layers, "transformer_depth": depth, "full_depth": full_depth,
+        "smoke": args.smoke, "overrides": overrides,
         "resolutions": _ints(args.resolutions) or ([512, 1024] if gpu else [256]),
         "batch_sizes": _ints(args.batch_sizes) or ([1, 2, 4, 8, 16] if gpu else [1, 2]),
         "repeats": args.repeats or (2 if args.smoke else 3 if gpu else 1),
@@ -226,11 +263,12 @@ def settings(args: argparse.Namespace, device: torch.device, cfg) -> dict:
         "learner_rows": args.learner_rows or (0 if gpu and not args.smoke else 32 if args.smoke else 256),
         "reward_batch": args.reward_batch or (32 if gpu else 2),
         "sections": [s for s in args.sections.split(",") if s],
-        "config_file": str(CONFIG.relative_to(REPO)),
+        "config_file": str(config_path(preset).relative_to(REPO)),
         "guidance_scale": cfg.backbone.guidance_scale,
         "max_sequence_length": cfg.backbone.max_sequence_length,
         "feature_grid": cfg.backbone.feature_grid,
         "config_feature_blocks": list(cfg.backbone.feature_blocks),
+        "feature_blocks": scaled_blocks(list(cfg.backbone.feature_blocks), depth, full_depth),
         "tpm_hidden": cfg.policy.hidden,
         "decode_batch_size": cfg.rollout.decode_batch_size,
         "storage_dtype": "bfloat16",
@@ -298,7 +336,8 @@ def measure_learner(cfg, s: dict, hidden: int, n_blocks: int, device: torch.devi
         "real_rows_formula": (f"prompts_per_iteration {cfg.rollout.prompts_per_iteration} x group_size "
                               f"{cfg.rollout.group_size} x mean steps {steps['mean']:.2f} (the config's untrained "
                               "TPM, simulated)"),
-        "feature_shape": [channels, grid, grid], "temb_dim": hidden, "dtype": "bfloat16",
+        "feature_shape": [channels, grid, grid], "feature_blocks": list(cfg.backbone.feature_blocks),
+        "temb_dim": hidden, "dtype": "bfloat16",
         "epochs": cfg.algorithm.epochs, "minibatches": cfg.algorithm.minibatches,
         "tpm_params": sum(p.numel() for p in learner.policy.parameters()),
         "stored_bytes": stored, "stored_bytes_real_rows": stored * real_rows // rows,
@@ -338,25 +377,27 @@ def build_backbone(s: dict, cfg, workdir: Path, device: torch.device) -> tuple[A
     """Write the random folder (bf16) and load it as the rollout workers do."""
     from tpdm_rl.rollout.backbone import Backbone
 
-    from tpdm_rl.builders.random_backbone import configs, estimate, make_random_backbone
+    from tpdm_rl.builders.random_backbone import estimate, make_random_backbone
 
-    est = estimate(PRESET, no_t5=s["no_t5"], dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
-    depth = configs(PRESET, no_t5=s["no_t5"], layers=s["layers"], overrides=s["overrides"])["transformer"][
-        "num_layers"]
-    blocks = scaled_blocks(s["config_feature_blocks"], depth, configs(PRESET)["transformer"]["num_layers"])
+    preset = s["preset"]
+    est = estimate(preset, no_t5=s["no_t5"], dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
     t0 = time.perf_counter()
-    path, reused = workdir / PRESET, _same_build(workdir / PRESET, s)
+    path, reused = workdir / preset, _same_build(workdir / preset, s)
     if not reused:
-        make_random_backbone(path, PRESET, no_t5=s["no_t5"], dtype=s["dtype"], seed=0, layers=s["layers"],
+        make_random_backbone(path, preset, no_t5=s["no_t5"], dtype=s["dtype"], seed=0, layers=s["layers"],
                              overrides=s["overrides"], progress=log)
     t1 = time.perf_counter()
     bb = Backbone(path, device=str(device), dtype=s["dtype"], guidance_scale=s["guidance_scale"],
-                  feature_blocks=tuple(blocks), feature_grid=s["feature_grid"],
-                  max_sequence_length=s["max_sequence_length"], negative_prompt=cfg.backbone.negative_prompt)
-    info = {"reused_folder": reused, "build_s": t1 - t0, "load_s": time.perf_counter() - t1, "params": est["params"],
+                  feature_blocks=tuple(s["feature_blocks"]), feature_grid=s["feature_grid"],
+                  max_sequence_length=s["max_sequence_length"], negative_prompt=cfg.backbone.negative_prompt,
+                  family=s["family"])
+    if bb.num_blocks != s["transformer_depth"]:
+        raise RuntimeError(f"the built transformer has {bb.num_blocks} blocks, expected {s['transformer_depth']}")
+    info = {"preset": preset, "family": bb.family.name,
+            "reused_folder": reused, "build_s": t1 - t0, "load_s": time.perf_counter() - t1, "params": est["params"],
             "weights_bytes": est["weights_bytes"],
             "components": {k: {"params": c["params"], "bytes": c["bytes"]} for k, c in est["components"].items()},
-            "transformer_layers": depth, "hidden": bb.hidden_size, "feature_blocks": list(bb.feature_blocks),
+            "transformer_layers": s["transformer_depth"], "full_depth": s["full_depth"], "hidden": bb.hidden_size, "feature_blocks": list(bb.feature_blocks),
             "feature_channels": bb.feature_channels, "temb_dim": bb.temb_dim, "feature_grid": bb.feature_grid}
     return bb, info
 
@@ -369,7 +410,7 @@ def _same_build(path: Path, s: dict) -> bool:
     marker = read_json(path / MARKER)
     if not isinstance(marker, dict):
         return False
-    want = {"preset": PRESET, "seed": 0, "dtype": s["dtype"], "no_t5": s["no_t5"], "layers": s["layers"],
+    want = {"preset": s["preset"], "seed": 0, "dtype": s["dtype"], "no_t5": s["no_t5"], "layers": s["layers"],
             "overrides": json.loads(json.dumps(s["overrides"]))}
     return all(marker.get(k) == v for k, v in want.items())
 
@@ -379,8 +420,8 @@ def measure_offload(bb, s: dict) -> dict:
     not built)."""
     from tpdm_rl.builders.random_backbone import estimate
 
-    full = estimate(PRESET, no_t5=False, dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
-    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    full = estimate(s["preset"], no_t5=False, dtype=s["dtype"], layers=s["layers"], overrides=s["overrides"])
+    names = tuple(n for n in full["components"] if n.startswith("text_encoder"))  # SD3: 3; FLUX.1: CLIP-L and T5
     by_name = {n: full["components"][n]["bytes"] for n in names}
     t0 = time.perf_counter()
     freed = bb.offload_text_encoders(PROMPTS)
@@ -388,7 +429,8 @@ def measure_offload(bb, s: dict) -> dict:
     built = [n for n in names if getattr(bb.pipe, n, None) is not None]
     return {"measured_bytes_freed": freed, "measured": bb.device.type != "cpu", "seconds": seconds,
             "text_encoders_built": built, "estimate_bytes_built": sum(by_name[n] for n in built),
-            "estimate_bytes_with_t5": sum(by_name.values()), "estimate_bytes_by_encoder": by_name}
+            "estimate_bytes_with_t5": sum(by_name.values()), "estimate_bytes_by_encoder": by_name,
+            "encoder_classes": {n: full["components"][n]["class"] for n in names}}
 
 
 class SectionTimer:
@@ -734,7 +776,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| text-encoder offload | error: {off['error']} |")
     elif off:
         what = f"{_gb(off['measured_bytes_freed'])} freed" if off["measured"] else "not measured (CPU)"
-        lines.append(f"| text-encoder offload | {what}; estimate {_gb(off['estimate_bytes_built'])} built, "
+        encoders = " + ".join(off.get("encoder_classes", {}).values())
+        lines.append(f"| text-encoder offload ({encoders}) | {what}; estimate {_gb(off['estimate_bytes_built'])} built, "
                      f"{_gb(off['estimate_bytes_with_t5'])} with T5 |")
     for name, rw in results.get("rewards", {}).items():
         if "error" in rw:
@@ -754,15 +797,17 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     apply_threads(args.threads, "benchmark")
-    cfg = load_config(CONFIG)
+    cfg = load_config(config_path(args.preset))
     s = settings(args, device, cfg)
+    # the learner's TPM and the backbone's hooks read the config's feature blocks moved to the reduced depth
+    cfg.backbone.feature_blocks = list(s["feature_blocks"])
     results: dict[str, Any] = {"environment": environment(device), "settings": s}
     if device.type != "cuda":
-        results["gpu_rows"] = GPU_PENDING
+        results["gpu_rows"] = gpu_pending(s["preset"])
     t0 = time.perf_counter()
-    tr_cfg = configs(PRESET, no_t5=s["no_t5"], layers=s["layers"], overrides=s["overrides"])["transformer"]
+    tr_cfg = configs(s["preset"], no_t5=s["no_t5"], layers=s["layers"], overrides=s["overrides"])["transformer"]
     hidden = tr_cfg["num_attention_heads"] * tr_cfg["attention_head_dim"]
-    n_blocks = len(s["config_feature_blocks"])
+    n_blocks = len(s["feature_blocks"])
     if "learner" in s["sections"]:  # first: on the CPU its ru_maxrss growth is only meaningful before the backbone
         guarded(results, "learner", measure_learner, cfg, s, hidden, n_blocks, device)
     if "weight_sync" in s["sections"]:
@@ -794,6 +839,9 @@ def notes(results: dict, s: dict, device: torch.device) -> list[str]:
     out = []
     if s["smoke"]:
         out.append("smoke run: tiny widths, the numbers mean nothing")
+    if s["transformer_depth"] != s["full_depth"]:
+        out.append(f"{s['preset']} at reduced depth: {s['transformer_depth']} of its {s['full_depth']} transformer "
+                   f"blocks; the config's feature blocks {s['config_feature_blocks']} moved to {s['feature_blocks']}")
     if device.type != "cuda":
         out.append("CPU peak memory is ru_maxrss, the process's peak so far: it never goes down between rows")
     dtypes = {r["storage"]["temb_dtype"] for r in results.get("rows", []) if "storage" in r}
