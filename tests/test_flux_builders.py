@@ -22,7 +22,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
-from tpdm_rl.rollout.backbone import null_components
+from tpdm_rl.rollout.backbone import Backbone, null_components
 
 from tpdm_rl.builders import random_backbone as rb
 from tpdm_rl.builders.random_backbone import (
@@ -211,6 +211,16 @@ def test_flux_real_width_build_writes_and_loads_offline(tmp_path, monkeypatch):
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
     ids = pipe.tokenizer("a red circle").input_ids
     assert ids[0] == 49406 and ids[-1] == 49407
+    del pipe, tr
+    # our rollout on the same folder: one bf16 step at 64 px with the TPM's hooks (T5 left out: zeros in its place)
+    bb = Backbone(str(out), device="cpu", dtype="bfloat16", guidance_scale=3.5, feature_blocks=(0, -1),
+                  feature_grid=2, max_sequence_length=16)
+    assert bb.family.name == "flux" and bb.num_blocks == 3 and bb.hidden_size == 3072
+    embeds, pooled = bb.encode_prompts(["a red circle"])
+    assert embeds.shape == (1, 16, 4096) and not embeds.any() and pooled.shape == (1, 768)
+    step = bb.step(torch.randn(1, *bb.latent_shape(64, 64)), torch.tensor([0.9]), embeds, pooled)
+    assert step.velocity.shape == (1, 16, 8, 8) and torch.isfinite(step.velocity).all()
+    assert step.features.shape == (1, 2 * 3072, 2, 2) and step.temb.shape == (1, 3072)
 
 
 def test_shrunk_flux_build_with_t5_denoises_and_is_deterministic(tmp_path, monkeypatch):
