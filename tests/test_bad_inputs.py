@@ -298,6 +298,7 @@ def test_truncation_warning_counts_the_runs_distinct_prompts(capsys):
     from types import SimpleNamespace
 
     from tpdm_rl.rollout.backbone import Backbone
+    from tpdm_rl.rollout.families import SD3Family
 
     def tok(prompts, add_special_tokens=True):
         return {"input_ids": [[0] * (len(p.split()) + 2) for p in prompts]}
@@ -309,6 +310,7 @@ def test_truncation_warning_counts_the_runs_distinct_prompts(capsys):
         raise Stop
 
     fake = SimpleNamespace(_embed_cache={}, negative_prompt="", max_sequence_length=6, _text_device="cpu",
+                           family=SD3Family(),
                            pipe=SimpleNamespace(tokenizer=tok, tokenizer_3=tok, tokenizer_max_length=6,
                                                 encode_prompt=encode_prompt))
     fake._warn_truncated = lambda p: Backbone._warn_truncated(fake, p)
