@@ -13,8 +13,9 @@ Two parametric families cover the shapes that beat diffusers' ``fixed:N`` on the
     a equal steps from 1 down to ``knee``, then b equal steps from the knee to 0 (NFE a + b).
     ``two_phase_table(2, 3, 0.9)`` = 1, .95, .9, .6, .3, 0.
 
-A *family* is one table per NFE. ``builtin:toy`` holds the tables chosen on training-split prompts of the
-toy world (``benchmarks/toy_tables.py`` writes them; never chosen on the held-out set); ``shift:S`` is
+A *family* is one table per NFE. ``builtin:toy`` (``builtin:toy-places``) holds the tables chosen on
+training-split prompts of the toy world (the places world; ``benchmarks/toy_tables.py`` and
+``benchmarks/toy_headroom.py`` write them; never chosen on the held-out set); ``shift:S`` is
 ``shift_table(S, n)`` for every n; a ``.json`` file maps NFE to a table.
 """
 
@@ -27,7 +28,9 @@ from importlib import resources
 from pathlib import Path
 
 TOY_TABLES_FILE = "toy_tables.json"
-FAMILY_FORMS = "builtin:toy, shift:S (S > 0) or a .json file {\"N\": [sigmas ... 0]}"
+#: the shipped families: the first toy world's and the places world's (each chosen on its training split)
+BUILTIN_FAMILIES = {"builtin:toy": TOY_TABLES_FILE, "builtin:toy-places": "toy_places_tables.json"}
+FAMILY_FORMS = "builtin:toy, builtin:toy-places, shift:S (S > 0) or a .json file {\"N\": [sigmas ... 0]}"
 
 
 class TableError(ValueError):
@@ -74,9 +77,8 @@ def two_phase_table(a: int, b: int, knee: float) -> tuple[float, ...]:
 def load_family(name: str | os.PathLike) -> dict[int, tuple[float, ...]]:
     """A named family of tables, one per NFE (see module docstring); :class:`TableError` when unknown."""
     text = str(name).strip()
-    if text == "builtin:toy":
-        path = Path(str(resources.files("tpdm_rl") / "data" / TOY_TABLES_FILE))
-        return _family_file(path)
+    if text in BUILTIN_FAMILIES:
+        return _family_file(Path(str(resources.files("tpdm_rl") / "data" / BUILTIN_FAMILIES[text])))
     if text.startswith("shift:"):
         try:
             s = float(text.partition(":")[2])
