@@ -22,8 +22,8 @@ Three stages, all scored with the exact ``shapes`` reward, one image per prompt 
    2 <= m <= 8 reaches z >= 3. The oracle (per-class choice made on all held-out prompts, hindsight) is reported
    for context only: it is not a valid test.
 
-    python benchmarks/toy_headroom.py --backbone /work/toy21_backbone --threads 1 \\
-        --write-family benchmarks/results/toy_headroom_family.json
+    python benchmarks/toy_headroom.py --backbone builtin:toy-places --threads 2 \\
+        --write-family tpdm_rl/data/toy_places_tables.json
 
 Writes ``benchmarks/results/toy_headroom.json`` (``--out``).
 """
