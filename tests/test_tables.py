@@ -50,8 +50,10 @@ def test_families():
     assert two_phase_table(2, 3, 0.9) == pytest.approx((1.0, 0.95, 0.9, 0.6, 0.3, 0.0))
     for n in (1, 2, 5, 9):
         assert len(shift_table(10.0, n)) == n + 1 and check_table(shift_table(10.0, n))
-    fam = load_family("builtin:toy")
-    assert fam and all(len(t) == n + 1 and t[-1] == 0.0 for n, t in fam.items())
+    for name in ("builtin:toy", "builtin:toy-places"):  # both shipped families: one valid table per NFE
+        fam = load_family(name)
+        assert fam and all(len(t) == n + 1 and t[-1] == 0.0 for n, t in fam.items())
+    assert set(load_family("builtin:toy-places")) == set(range(1, 9))
     assert set(load_family("shift:3")) == set(range(1, 29))
     with pytest.raises(TableError, match="unknown table family"):
         load_family("nope")
