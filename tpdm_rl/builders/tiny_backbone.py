@@ -48,6 +48,14 @@ def tiny_t5_tokenizer() -> tuple[T5TokenizerFast, int]:
     return tok, tok.vocab_size
 
 
+def tiny_vae(sample_size: int, shift_factor: float, scaling_factor: float) -> AutoencoderKL:
+    """The tiny backbones' VAE (16 latent channels, 8x down, 8 channels wide), with a family's latent scaling."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=4, sample_size=sample_size, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
     """Return a random tiny ``StableDiffusion3Pipeline`` (deterministic for a given seed).
 
@@ -64,21 +72,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 128):
             num_attention_heads=4, joint_attention_dim=TINY_HIDDEN, caption_projection_dim=TINY_HIDDEN,
             pooled_projection_dim=2 * TINY_CLIP_HIDDEN, out_channels=16, pos_embed_max_size=4 * latent // 2,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=sample_size,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = tiny_vae(sample_size, shift_factor=0.0609, scaling_factor=1.5035)
         clip_tok, clip_vocab = tiny_clip_tokenizer()
         clip_cfg = dict(
             vocab_size=clip_vocab,

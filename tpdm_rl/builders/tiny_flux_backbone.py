@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from tpdm_rl.utils import replace_folder
 
 from .random_backbone import scheduler_config
-from .tiny_backbone import tiny_clip_tokenizer, tiny_t5_tokenizer
+from .tiny_backbone import tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae
 
 TINY_FLUX_HEADS = 2
 TINY_FLUX_HEAD_DIM = 16  # rotary axes (4, 6, 6) fill it, as (16, 56, 56) fill FLUX.1's 128
@@ -46,21 +46,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 128, guidance_emb
             num_attention_heads=TINY_FLUX_HEADS, joint_attention_dim=TINY_FLUX_T5_HIDDEN,
             pooled_projection_dim=TINY_FLUX_CLIP_HIDDEN, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
         )
-        vae = AutoencoderKL(  # the tiny SD3 backbone's VAE with FLUX.1's latent scaling and shift
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=sample_size,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        )
+        vae = tiny_vae(sample_size, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's latent scaling
         clip_tok, clip_vocab = tiny_clip_tokenizer()
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=clip_vocab, hidden_size=TINY_FLUX_CLIP_HIDDEN, intermediate_size=32, num_hidden_layers=2,
