@@ -1,4 +1,4 @@
-"""``TPDMPipeline``: a frozen SD3 backbone + a trained TPM for fast inference.
+"""``TPDMPipeline``: a frozen backbone (SD3 / SD3.5 or FLUX.1) + a trained TPM for fast inference.
 
     from tpdm_rl.rollout.pipeline import TPDMPipeline
     pipe = TPDMPipeline.from_pretrained(tpm="runs/tiny/checkpoints/step_30")   # backbone from the TPM file
@@ -10,7 +10,7 @@
 
 ``tpm`` may be a checkpoint folder, an export folder (``tpdm-rl export``), a run folder (its
 ``checkpoints/latest``) or a ``tpm.safetensors`` file. The TPM file is self-describing: its
-``inference`` metadata names the backbone it was trained on (``backbone_path``), the backbone's
+``inference`` metadata names the backbone it was trained on (``backbone_path``, ``backbone_family``), the backbone's
 geometry (``backbone_blocks``, ``hidden_size``) and the feature hooks (``feature_blocks``,
 ``feature_grid``), plus resolution, CFG scale and the stopping rule. Loading checks that geometry
 against the backbone actually used and fails with one line naming both values on a mismatch.
