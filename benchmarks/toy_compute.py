@@ -23,7 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from diffusers import StableDiffusion3Pipeline
-from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path
+from tpdm_rl.rollout.toy import BUILTIN_TOY, TOY_MARKER, toy_backbone_path
 
 from tpdm_rl.builders.toy_backbone import (
     ToyTrainSettings,
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = apply_threads(args.threads, "benchmark")
     src = toy_backbone_path(args.backbone)
+    marker = Path(src) / TOY_MARKER
+    meta = json.loads(marker.read_text()) if marker.is_file() else {}
+    places = meta.get("world") == "places"  # the places world's backbone: its own held-out prompts
     t0 = time.perf_counter()
     pipe = StableDiffusion3Pipeline.from_pretrained(src)
     pipe.set_progress_bar_config(disable=True)
@@ -65,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     train_transformer(pipe, latents, prompts, extra, lambda r: records.append(
         {**r, "elapsed_s": round(time.perf_counter() - t0, 2)}), progress=True)
     train_s = time.perf_counter() - t0
-    quality = evaluate_quality(pipe, prompt_set(1, args.eval_prompts, "heldout"), seed=10_000)
+    quality = evaluate_quality(pipe, prompt_set(1, args.eval_prompts, "heldout", places=places), seed=10_000)
     pipe.save_pretrained(out, safe_serialization=True)
+    if meta:  # keep the folder a toy backbone (text length, world) and say what was added
+        (out / TOY_MARKER).write_text(json.dumps({**meta, "continued_from": src, "extra_steps": args.steps,
+                                                  "extra_seconds": round(train_s, 1)}, indent=2) + "\n")
     (out / "training").mkdir()
     (out / "training" / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "training" / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
