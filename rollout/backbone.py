@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tpdm_rl.utils import DTYPES, resolve_device, warn
 
 from .families import FamilyError, detect_family, family
+from .toy import SHIPPED_TOY_BACKBONES, toy_backbone_path
 
 
 class BackboneError(RuntimeError):
@@ -97,7 +98,12 @@ class Backbone:
         compile: bool = False,
         family: str = "auto",
     ) -> None:
-        self.path = str(path)
+        #: the name the backbone was given (``builtin:toy`` stays that, for TPM files that work in any clone)
+        self.name = str(path)
+        if self.name.startswith("builtin:") and self.name not in SHIPPED_TOY_BACKBONES:
+            raise BackboneError(f"backbone {self.name!r} is not a shipped backbone; expected one of "
+                                f"{', '.join(SHIPPED_TOY_BACKBONES)}, a local diffusers folder or a hub id")
+        self.path = toy_backbone_path(self.name)
         self.device = resolve_device(device)
         if dtype not in DTYPES:
             raise BackboneError(f"backbone dtype {dtype!r} is not one of {sorted(DTYPES)}")

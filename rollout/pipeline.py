@@ -101,7 +101,7 @@ class TPDMPipeline:
             except BackboneError as exc:
                 raise BackboneError(f"{exc} (backbone of TPM {str(tpm_file)!r})") from None
         check_compatible(tpm_file, settings, spec, backbone)
-        settings["backbone_path"] = backbone.path
+        settings["backbone_path"] = backbone.name
         settings["guidance_scale"] = backbone.guidance_scale
         if settings.get("backbone_blocks") is None:
             settings["backbone_blocks"] = backbone.num_blocks

@@ -14,6 +14,7 @@ from tpdm_rl.tpm_file import BACKBONE_KEYS, ROLLOUT_KEYS, checkpoint_error
 from tpdm_rl.utils import warn
 
 from .backbone import Backbone
+from .toy import toy_backbone_path
 
 
 def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> dict:
@@ -34,7 +35,7 @@ def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> d
 def transformer_geometry(backbone_path: str) -> tuple[int, int] | None:
     """(number of transformer blocks, hidden size) from a local diffusers folder's config, else None (FLUX.1:
     double-stream plus single-stream blocks)."""
-    cfg = Path(backbone_path) / "transformer" / "config.json"
+    cfg = Path(toy_backbone_path(str(backbone_path))) / "transformer" / "config.json"
     if not cfg.is_file():
         return None
     try:
@@ -54,7 +55,7 @@ def mismatch_error(tpm_file: Path, backbone_path: str, key: str, tpm_value, bb_v
 def check_compatible(tpm_file: Path, settings: dict, spec: dict, backbone: Backbone) -> None:
     """The TPM's recorded backbone geometry and feature hooks must match ``backbone`` (one-line error)."""
     n_blocks = backbone.num_blocks
-    bpath = backbone.path
+    bpath = backbone.name
     if settings.get("backbone_blocks") is not None and int(settings["backbone_blocks"]) != n_blocks:
         raise mismatch_error(tpm_file, bpath, "backbone_blocks", settings["backbone_blocks"], n_blocks)
     if settings.get("hidden_size") is not None and int(settings["hidden_size"]) != backbone.hidden_size:

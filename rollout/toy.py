@@ -34,3 +34,37 @@ def toy_backbone_path(path: str) -> str:
 def toy_text_len(directory: str | os.PathLike) -> int:
     """The sequence length a trained toy backbone folder was trained with (its ``tpdm_toy.json``)."""
     return int(json.loads((Path(directory) / TOY_MARKER).read_text())["text_len"])
+
+
+def builtin_name(path: str | os.PathLike) -> str | None:
+    """The ``builtin:`` name of a shipped toy backbone given by name or by its folder, else None.
+
+    A folder counts when it is the shipped one here or ends in ``tpdm_rl/data/<folder>`` (a clone elsewhere, as
+    older TPM files recorded it), so TPM files and exports name the backbone portably."""
+    text = str(path)
+    if text in SHIPPED_TOY_BACKBONES:
+        return text
+    if not text:
+        return None
+    parts = Path(text).parts
+    for name, folder in SHIPPED_TOY_BACKBONES.items():
+        if parts[-3:] == ("tpdm_rl", "data", folder):
+            return name
+        try:
+            if Path(text).resolve() == shipped_toy_dir(name).resolve():
+                return name
+        except OSError:
+            continue
+    return None
+
+
+def toy_world(directory: str | os.PathLike) -> str | None:
+    """``reading-order`` or ``places`` for a trained toy backbone folder (or ``builtin:`` name), else None."""
+    marker = Path(toy_backbone_path(str(directory))) / TOY_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return "places" if isinstance(meta, dict) and meta.get("world") == "places" else "reading-order"

@@ -61,7 +61,7 @@ class RolloutWorker:
 
     def inference_settings(self) -> dict:
         """The TPM file's inference metadata for this backbone."""
-        return inference_settings(self.cfg, self.backbone, self.backbone.path)
+        return inference_settings(self.cfg, self.backbone, self.backbone.name)
 
     def set_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load the published TPM weights of ``version`` (no-op if already loaded)."""

@@ -43,6 +43,46 @@ def completed_nothing(folder: Path) -> bool:
     return not (ckpts.is_dir() and any(d.name.startswith("step_") for d in ckpts.iterdir()))
 
 
+def lock_folder(p: Path, what: str, advice: str):
+    """Create ``p`` and take the exclusive kernel lock on ``p/.tpdm-rl.lock``; return the open lock file.
+
+    A folder another live process holds is refused with one line naming ``what``, that process (pid, host, start)
+    and ``advice``. The kernel drops the lock when its holder dies, so it is never stale. The owner's pid, host
+    and start time are written into the file for that message."""
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fh = open(p / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the owner's lifetime
+    except OSError as exc:
+        raise RunFolderError(f"cannot create {what} {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "{}"
+        fh.close()
+        try:
+            o = json.loads(owner)
+        except json.JSONDecodeError:
+            o = {}
+        o = o if isinstance(o, dict) else {}
+        raise RunFolderError(f"{what} {str(p)!r} is in use by pid {o.get('pid', '?')} on host {o.get('host', '?')} "
+                             f"(since {o.get('since', '?')}); {advice}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    fh.flush()
+    return fh
+
+
+def unlock_folder(fh) -> None:
+    """Drop a lock taken by :func:`lock_folder`."""
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
 class RunFolder:
     """Ownership of one run folder for the lifetime of a run."""
 
@@ -56,24 +96,7 @@ class RunFolder:
         p = self.path
         if p.exists() and not p.is_dir():
             raise RunFolderError(f"--output {str(p)!r} is a file; expected a run folder")
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            fh = open(p / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
-        except OSError as exc:
-            raise RunFolderError(f"cannot create run folder {str(p)!r}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            owner = fh.read().strip() or "{}"
-            fh.close()
-            try:
-                o = json.loads(owner)
-            except json.JSONDecodeError:
-                o = {}
-            raise RunFolderError(f"run folder {str(p)!r} is in use by pid {o.get('pid', '?')} on host "
-                                 f"{o.get('host', '?')} (since {o.get('since', '?')}); wait for that run to end or "
-                                 "choose another --output") from None
+        fh = lock_folder(p, "run folder", "wait for that run to end or choose another --output")
         self._fh = fh
         prior = holds_a_run(p)
         if prior and not resume and not overwrite and completed_nothing(p):
@@ -89,11 +112,6 @@ class RunFolder:
             self.moved_to.mkdir()
             for entry in prior:
                 os.replace(p / entry, self.moved_to / entry)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        fh.flush()
         return self
 
     def record(self, event: str, **fields) -> None:
@@ -104,8 +122,5 @@ class RunFolder:
 
     def release(self) -> None:
         if self._fh is not None:
-            try:
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            finally:
-                self._fh.close()
-                self._fh = None
+            fh, self._fh = self._fh, None
+            unlock_folder(fh)

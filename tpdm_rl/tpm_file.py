@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .policy import TimePredictionModule, TPMSpec
+from .rollout.toy import builtin_name
 
 TPM_FILE = "tpm.safetensors"
 EXPORT_CONFIG = "tpdm_config.json"
@@ -170,6 +171,9 @@ def read_inference_settings(tpm_file: str | os.PathLike) -> tuple[dict, dict]:
                                 "or tpdm_config.json next to them")
     out = dict(DEFAULT_SETTINGS)
     out.update(settings)
+    shipped = builtin_name(out.get("backbone_path") or "")
+    if shipped is not None:  # a shipped toy backbone recorded by its folder in some clone (older files)
+        out["backbone_path"] = shipped
     return out, spec
 
 

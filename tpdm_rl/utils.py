@@ -30,11 +30,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` / None -> cuda when available, else cpu; anything else as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    check_device("device", str(device))
     return torch.device(device)
 
 
 class DeviceError(ValueError):
     """A configured device does not exist on this machine."""
+
+
+def _key(key: str) -> str:
+    """The message prefix naming where a device came from: a config key, an option, or nothing."""
+    if key.startswith("--"):
+        return f"{key} "
+    return f"config error: {key}: " if "." in key else f"{key} "
 
 
 def check_device(key: str, device: str) -> None:
@@ -44,12 +54,12 @@ def check_device(key: str, device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise DeviceError(f"config error: {key}: {device!r} is not a torch device (expected auto, cpu, cuda or "
+        raise DeviceError(f"{_key(key)}{device!r} is not a torch device (expected auto, cpu, cuda or "
                           "cuda:N)") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0 or (dev.index is not None and dev.index >= n):
-            raise DeviceError(f"config error: {key}: {device!r} requested but this machine has {n} CUDA "
+            raise DeviceError(f"{_key(key)}{device!r} requested but this machine has {n} CUDA "
                               "device(s); use auto or cpu")
 
 

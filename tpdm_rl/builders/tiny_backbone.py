@@ -23,7 +23,6 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from tpdm_rl.rollout.toy import toy_backbone_path
 from tpdm_rl.utils import replace_folder
 
 from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
@@ -139,8 +138,9 @@ def ensure_tiny_backbone(directory: str | os.PathLike, seed: int = 0, sample_siz
 
 
 def resolve_backbone_path(path: str, tiny_dir: str | Path, tiny_seed: int, resolution: int) -> str:
-    """``builtin:toy``: the shipped trained toy backbone; empty: the tiny random backbone, built once in
-    ``tiny_dir``; anything else: a local diffusers folder or a hub id, as given."""
+    """Empty: the tiny random backbone, built once in ``tiny_dir``; anything else as given: ``builtin:toy`` /
+    ``builtin:toy-places`` (the shipped trained toy backbones, which :class:`Backbone` resolves, so TPM files record
+    the name and work in any clone), a local diffusers folder or a hub id."""
     if path:
-        return toy_backbone_path(path)
+        return path
     return str(ensure_tiny_backbone(tiny_dir, seed=tiny_seed, sample_size=min(resolution, 128)))

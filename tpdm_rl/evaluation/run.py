@@ -30,6 +30,7 @@ from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.sampler import SampleOutput
 from tpdm_rl.rollout.schedules import mean_schedule
 from tpdm_rl.rollout.tables import load_family
+from tpdm_rl.runfolder import LOCK_FILE, lock_folder, unlock_folder
 from tpdm_rl.tpm_file import locate_tpm
 
 from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
@@ -149,10 +150,33 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     from other processes sharing the machine).
 
     An ``output`` holding an earlier evaluation is refused unless ``overwrite`` (then its files are removed
-    first); ``COMPLETE`` is written last, so a folder without it is an interrupted evaluation.
+    first); ``COMPLETE`` is written last, so a folder without it is an interrupted evaluation. The folder is
+    locked for the whole evaluation (``.tpdm-rl.lock``, as a training run's): a second evaluation (or a run) into
+    it is refused at once, so two evaluations can never mix their files.
     """
     out_dir = Path(output)
     check_output(out_dir, overwrite)
+    created = not out_dir.exists()
+    lock = lock_folder(out_dir, "eval folder", "wait for that evaluation to end or choose another --output")
+    finished = False
+    try:
+        report = _evaluate(checkpoint, out_dir, prompts, methods, rewards, seeds, backbone, limit, pareto_steps,
+                           batch_size, device, grid_prompts, schedule_prompts, progress, timing_repeats, inference,
+                           tables, overwrite)
+        finished = True
+        return report
+    finally:
+        unlock_folder(lock)
+        if created and not finished and not any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+            (out_dir / LOCK_FILE).unlink(missing_ok=True)  # failed before writing anything: leave no empty folder
+            out_dir.rmdir()
+
+
+def _evaluate(checkpoint, out_dir: Path, prompts, methods, rewards, seeds, backbone, limit, pareto_steps, batch_size,
+              device, grid_prompts, schedule_prompts, progress, timing_repeats, inference, tables,
+              overwrite) -> dict:
+    """The body of :func:`evaluate`, run while the output folder is locked."""
+    check_output(out_dir, overwrite)  # again, under the lock: another evaluation may have finished meanwhile
     table = parse_methods(methods)
     pareto = sorted({int(n) for n in pareto_steps})
     for n in pareto:
@@ -265,7 +289,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
             rec["sigmas"] = sch
         per_image.append(rec)
     report = {
-        "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "backbone": bb.path, "device": str(bb.device),
+        "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "backbone": bb.name, "device": str(bb.device),
         "prompts": str(prompts), "num_prompts": len(prompt_list), "seeds_per_prompt": int(seeds),
         "num_images": n_img, "resolution": sampler.height, "guidance_scale": bb.guidance_scale,
         "reference": REFERENCE.name, "rewards": list(reward_models),
