@@ -7,6 +7,7 @@ so a typo in a 40-key file is found at once, before any model is loaded.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import math
 import os
@@ -14,11 +15,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpdm_rl.console import warn
 from tpdm_rl.rewards.registry import RewardError, reward_info
-from tpdm_rl.rollout.tables import TableError, check_table
+from tpdm_rl.rollout.methods import parse_methods
+from tpdm_rl.rollout.tables import TableError, check_table, load_family
+
+#: the most training iterations a run may ask for (1,000,000 iterations of the smallest run is weeks of compute;
+#: a larger number is a typo, e.g. an extra digit group)
+MAX_ITERATIONS = 1_000_000
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` (difflib), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), sorted(str(c) for c in choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class ConfigError(ValueError):
@@ -217,7 +229,8 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     """The run."""
 
-    iterations: int = Field(30, ge=1, description="training iterations")
+    iterations: int = Field(30, ge=1, le=MAX_ITERATIONS, description="training iterations (at most 1,000,000: a "
+                            "larger number is a typo)")
     device: str = Field("auto", description="learner device in one process: auto, cpu, cuda:N")
     threads: int = Field(0, ge=0, description="torch threads in the controller process (0: auto, the CPUs idle "
                          "when the run starts, with a passive OpenMP wait; docs/threads.md)")
@@ -245,6 +258,40 @@ class EvalConfig(_Strict):
     seeds: int = Field(1, ge=1, description="images per prompt")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
     batch_size: int = Field(16, ge=1, description="concurrent images per backbone call")
+
+    # checked here, with the rest of the config, so that a bad value stops the run before it trains (not after)
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: str) -> str:
+        parse_methods(v)
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, v: str) -> str:
+        if v.strip():
+            load_family(v)
+        return v
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, v: str) -> str:
+        names = [r.strip() for r in v.split(",") if r.strip()]
+        if not names:
+            raise ValueError("expected comma-separated reward names, e.g. fidelity or shapes")
+        for name in names:
+            try:
+                reward_info(name)
+            except RewardError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("pareto_steps")
+    @classmethod
+    def _pareto(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"expected step counts >= 1, got {v}")
+        return v
 
 
 class LoggingConfig(_Strict):
@@ -281,6 +328,9 @@ class Config(_Strict):
     def _cross_checks(self) -> Config:
         if not self.rewards:
             raise ValueError("rewards: at least one reward component is needed")
+        if all(spec.weight == 0 for spec in self.rewards.values()):
+            raise ValueError(f"rewards: every weight is 0 ({', '.join(f'rewards.{n}.weight' for n in self.rewards)}), so "
+                             "the only signal left is the step penalty; expected at least one non-zero weight")
         for name, spec in self.rewards.items():
             try:
                 info = reward_info(name)  # no import of the reward's module: config checks stay fast
@@ -290,8 +340,10 @@ class Config(_Strict):
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ValueError(f"rewards.{name}.{key}: {value} is not a finite number")
                 if key not in info.options:
-                    raise ValueError(f"rewards.{name}.{key}: unknown option for reward {name!r}; expected one of "
-                                     f"{sorted(info.options | {'weight', 'normalize'})}")
+                    known = info.options | set(RewardSpec.model_fields)
+                    hint = did_you_mean(key, known)
+                    raise ValueError(f"rewards.{name}.{key}: unknown option for reward {name!r}"
+                                     + (hint or f"; expected one of {sorted(info.options | {'weight', 'normalize'})}"))
         if self.rollout.sigma_min >= self.rollout.sigma_max:
             raise ValueError("rollout.sigma_min must be below rollout.sigma_max")
         if self.step_penalty.mode in ("discount", "tpdm"):
@@ -317,17 +369,51 @@ class Config(_Strict):
                           num_gpus=base.num_gpus if spec.num_gpus is None else spec.num_gpus)
 
 
+def _keys_at(path: list[str]) -> list[str] | None:
+    """The keys a config section accepts (``path``: the section's key path), or None when it is not a section."""
+    model: Any = Config
+    i = 0
+    while i < len(path):
+        info = model.model_fields.get(path[i]) if isinstance(model, type) else None
+        if info is None:
+            return None
+        tp = info.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            model, i = tp, i + 1
+            continue
+        if path[i] == "rewards" and i + 1 < len(path):
+            model, i = RewardSpec, i + 2
+            continue
+        return None
+    return list(model.model_fields)
+
+
+def unknown_key_message(path: list[str]) -> str:
+    """``unknown key; did you mean 'a.b'?`` (difflib over the section's keys), or the keys it accepts."""
+    keys = _keys_at(path[:-1])
+    if keys is None:
+        return "unknown key"
+    hint = did_you_mean(path[-1], keys)
+    prefix = ".".join(path[:-1])
+    if hint:
+        close = hint.split("'")[1]
+        return f"unknown key; did you mean {(prefix + '.' if prefix else '') + close!r}?"
+    return f"unknown key; expected one of {', '.join(keys)}"
+
+
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = unknown_key_message([str(p) for p in err["loc"]])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if not loc:  # a whole-config check: its message already starts with the key path it is about
         more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
         return f"config error: {msg}{more}".replace("\n", " ")
+    if loc == "train.iterations" and err["type"] == "less_than_equal":
+        msg += " (a larger number is a typo: 1,000,000 iterations of the smallest run take weeks)"
     got = err.get("input")
     tail = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
@@ -450,6 +536,21 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def check_config_keys(keys: list[str] | tuple[str, ...], flag: str, cfg: Config | None = None) -> None:
+    """Every entry of ``keys`` must be a config key (``rewards.<name>.<option>`` included); else one line with the
+    closest key (difflib)."""
+    known = set(_flatten(Config().model_dump(mode="json")))
+    if cfg is not None:
+        known |= set(_flatten(cfg.model_dump(mode="json")))
+    for key in keys:
+        parts = key.split(".")
+        if key in known or (len(parts) >= 3 and parts[0] == "rewards" and all(parts)):
+            continue
+        hint = did_you_mean(key, known)
+        raise ConfigError(f"config error: {flag} {key!r}: not a config key"
+                          + (hint or "; expected a key such as step_penalty.coef (tpdm-rl config --explain lists them)"))
 
 
 def config_changes(old_yaml: str, new: Config) -> dict[str, tuple[Any, Any]]:
