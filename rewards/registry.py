@@ -9,6 +9,7 @@ import path of code that never builds those rewards.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import inspect
 from collections.abc import Callable
@@ -153,7 +154,10 @@ def reward_info(name: str) -> RewardInfo:
         return static[name]
     if not static:  # source files unreadable (a zipped install): import them
         return _info_of_class(reward_class(name))
-    raise RewardError(f"unknown reward {name!r}; expected one of {sorted(set(_REGISTRY) | set(static))}")
+    known = sorted(set(_REGISTRY) | set(static))
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise RewardError(f"unknown reward {name!r}{hint} (expected one of {known})")
 
 
 def build_reward(name: str, **options: Any) -> Any:

@@ -52,18 +52,21 @@ def detect_family(path: str | os.PathLike, family: str = "auto") -> str:
     name) and ``backbone.family`` overrides the guess."""
     if family not in FAMILY_NAMES:
         raise FamilyError(f"backbone family {family!r} is not one of {list(FAMILY_NAMES)}")
-    if family != "auto":
-        return family
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        return "flux" if "flux" in str(path).lower() else "sd3"
+        return family if family != "auto" else "flux" if "flux" in str(path).lower() else "sd3"
     try:
         name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError, AttributeError):
-        return "sd3"  # Backbone's own check of the index names the file and the problem
+        return family if family != "auto" else "sd3"  # Backbone's own check of the index names the problem
     for fam, classes in PIPELINE_CLASSES.items():
         if name in classes:
+            if family not in ("auto", fam):  # forcing the other family fails deep inside diffusers otherwise
+                raise FamilyError(f"backbone.family {family!r} does not fit {str(index)!r}, which names {name} "
+                                  f"(family {fam!r}); expected backbone.family auto or {fam}")
             return fam
+    if family != "auto":
+        return family
     raise FamilyError(f"{str(index)!r} names pipeline class {name!r}; expected one of "
                       f"{[c for cs in PIPELINE_CLASSES.values() for c in cs]} (or set backbone.family)")
 

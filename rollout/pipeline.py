@@ -31,6 +31,7 @@ from .backbone import Backbone, BackboneError
 from .methods import DEFAULT_MAX_SKIP, Method, parse_method
 from .sampler import MethodSampler
 from .settings import check_compatible, mismatch_error, transformer_geometry
+from .toy import check_toy_prompts
 
 
 @dataclass
@@ -111,6 +112,10 @@ class TPDMPipeline:
         policy = load_tpm(tpm_file, device=backbone.device)
         return cls(backbone, policy, settings, tpm_path=str(tpm_file), batch_size=batch_size)
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A toy backbone draws only its world's prompts: one-line PromptError for the first other one."""
+        check_toy_prompts(self.backbone.name, prompts)
+
     @property
     def resolution(self) -> int:
         return int(self.settings["resolution"])
@@ -141,6 +146,7 @@ class TPDMPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("TPDMPipeline needs at least one prompt")
+        self.check_prompts(prompts)
         if seed is None:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         elif isinstance(seed, int):

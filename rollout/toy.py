@@ -11,6 +11,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from tpdm_rl.toyworld import PromptError, parse_prompt
+
 #: ``backbone.path`` (and the benchmarks' ``--backbone``) value that selects the shipped trained toy backbone
 BUILTIN_TOY = "builtin:toy"
 #: the shipped backbone of the places world (prompts may pin objects to quadrants; docs/toy-world.md)
@@ -68,3 +70,24 @@ def toy_world(directory: str | os.PathLike) -> str | None:
     except (OSError, ValueError):
         return None
     return "places" if isinstance(meta, dict) and meta.get("world") == "places" else "reading-order"
+
+
+def check_toy_prompts(backbone_name: str, prompts: list[str]) -> None:
+    """On a toy backbone (``builtin:toy``, ``builtin:toy-places`` or a trained toy folder) every prompt must be in
+    its world's grammar: one-line :class:`PromptError` naming the first that is not (other backbones: no check).
+
+    The reading-order world (``builtin:toy``) has no places: its text encoders never saw 'in the top left'."""
+    world = toy_world(backbone_name)
+    if world is None:
+        return
+    example = "a red circle on a white background"
+    for p in prompts:
+        try:
+            parsed = parse_prompt(p)
+        except PromptError as exc:
+            raise PromptError(f"{str(exc).splitlines()[0]}; backbone {backbone_name!r} draws only toy-world prompts, "
+                              f"e.g. {example!r} (docs/toy-world.md)") from None
+        if world == "reading-order" and any(g.place for g in parsed.groups):
+            raise PromptError(f"prompt {p!r} places an object, but backbone {backbone_name!r} draws the "
+                              "reading-order world, which has no places; expected a prompt without 'in the ...' or "
+                              "the places backbone builtin:toy-places")

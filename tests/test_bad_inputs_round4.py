@@ -137,3 +137,196 @@ def test_an_unknown_builtin_backbone_is_one_line(toy_run, tmp_path):
                            "a red circle on a white background", "--output", str(tmp_path / "s.png"))
     line = _one_line(r)
     assert "'builtin:toys'" in line and "builtin:toy-places" in line, line
+
+
+# ---------------------------------------------------------------------------- WEAK: one validation pass
+@pytest.mark.parametrize("override,expect", [
+    ("eval.methods=tpm,sigmas:1,0.5", "eval.methods: bad method sigmas: sigma table '1,0.5' must end at 0"),
+    ("eval.tables=shift:-1", "eval.tables: table family 'shift:-1'"),
+    ("eval.rewards=nosuch", "eval.rewards: unknown reward 'nosuch'"),
+    ("eval.prompts=/no/such/prompts.txt", "eval.prompts: /no/such/prompts.txt"),
+    ("eval.pareto_steps=[0,4]", "eval.pareto_steps"),
+])
+def test_eval_values_of_a_training_config_are_checked_before_anything_loads(tmp_path, override, expect):
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    r = run_cli_in_process("train", "--config", "configs/toy.yaml", "--output", str(out), "--set", override)
+    line = _one_line(r)
+    assert expect in line, line
+    assert time.perf_counter() - start < 5 and not out.exists()  # was: a traceback after 60 iterations
+
+
+def test_a_yaml_or_override_typo_names_the_closest_key(tmp_path):
+    for key, close in (("optim.lrr=1e-3", "'optim.lr'"), ("rolout.batch_size=4", "'rollout'"),
+                       ("train.iteratons=3", "'train.iterations'"), ("rewards.shapes.wieght=1", "'weight'")):
+        line = _one_line(run_cli_in_process("config", "--config", "configs/toy.yaml", "--set", key), 2)
+        assert f"did you mean {close}" in line, line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  iteratons: 3\n")
+    line = _one_line(run_cli_in_process("train", "--config", str(cfg), "--output", str(tmp_path / "r")), 2)
+    assert "train.iteratons: unknown key; did you mean 'train.iterations'?" in line, line
+    cfg.write_text("optim:\n  zzz: 3\n")  # nothing close: the keys the section takes
+    line = _one_line(run_cli_in_process("config", "--config", str(cfg)), 2)
+    assert "optim.zzz: unknown key; expected one of lr, weight_decay, betas, eps" in line, line
+
+
+def test_allow_config_change_and_sweep_grid_keys_get_suggestions(tmp_path):
+    line = _one_line(run_cli_in_process("train", "--config", "configs/toy.yaml", "--output", str(tmp_path / "r"),
+                                        "--resume", "auto", "--allow-config-change", "step_penalty.coeff"), 2)
+    assert "--allow-config-change 'step_penalty.coeff': not a config key; did you mean 'step_penalty.coef'?" in line
+    assert not (tmp_path / "r").exists()
+    line = _one_line(run_cli_in_process("sweep", "--config", "configs/tiny.yaml", "--grid", "step_penalty.coeff=0,1",
+                                        "--output", str(tmp_path / "sw")), 2)
+    assert "step_penalty.coeff: unknown key; did you mean 'step_penalty.coef'?" in line, line
+    assert not (tmp_path / "sw").exists()
+
+
+# ---------------------------------------------------------------------------- WEAK: nonsense refused
+@pytest.mark.parametrize("args,expect", [
+    (["--set", "train.iterations=1000000000000"], "train.iterations: Input should be less than or equal to 1000000"),
+    (["--set", "rewards.shapes.weight=0"], "rewards: every weight is 0 (rewards.shapes.weight)"),
+    (["--fresh-optimizer"], "--fresh-optimizer needs --resume"),
+])
+def test_nonsense_training_options_are_refused(tmp_path, args, expect):
+    out = tmp_path / "run"
+    line = _one_line(run_cli_in_process("train", "--config", "configs/toy.yaml", "--output", str(out), *args), 2)
+    assert expect in line, line
+    assert not out.exists()
+
+
+def test_sweep_budget_and_grid_prompts_are_checked_before_any_work(tmp_path, toy_run):
+    start = time.perf_counter()
+    line = _one_line(run_cli_in_process("sweep", "--config", "configs/tiny.yaml", "--grid", "step_penalty.coef=0,1",
+                                        "--output", str(tmp_path / "sw"), "--budget", "-3"), 2)
+    assert "--budget -3: expected a mean number of steps > 0" in line and time.perf_counter() - start < 5
+    assert not (tmp_path / "sw").exists()  # was: the whole sweep ran first
+    line = _one_line(run_cli_in_process("eval", "--checkpoint", str(toy_run), "--output", str(tmp_path / "e"),
+                                        "--grid-prompts", "0"), 2)
+    assert "--grid-prompts must be >= 1" in line
+
+
+# ---------------------------------------------------------------------------- WEAK: toy prompts in sample and API
+@pytest.mark.parametrize("prompt,expect", [
+    ("a red circle in the middle", "unexpected word 'middle'"),
+    ("two red circles in the top left", "only a group of one may carry a place"),
+    ("a red circle in the top left and a blue square in the top left on a white background",
+     "two objects are placed in the top left"),
+    ("a red circle on a white background ☃", "unexpected word '☃'"),
+    ("", "unexpected empty word"),
+    ("a red apple on a table", "unexpected word 'apple'"),
+    ("a red circle in the top left on a white background", "draws the reading-order world, which has no places"),
+])
+def test_sample_refuses_prompts_outside_the_toy_backbones_world_before_loading(toy_run, tmp_path, prompt, expect):
+    start = time.perf_counter()
+    png = tmp_path / "s.png"
+    line = _one_line(run_cli_in_process("sample", "--checkpoint", str(toy_run), "--prompt", prompt, "--output",
+                                        str(png)), 2)
+    assert expect in line and "builtin:toy" in line, line
+    assert time.perf_counter() - start < 5 and not png.exists()
+
+
+def test_the_pipeline_refuses_prompts_outside_the_toy_world(toy_run):
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
+
+    from tpdm_rl.toyworld import PromptError
+
+    pipe = TPDMPipeline.from_pretrained(tpm=toy_run, device="cpu")
+    with pytest.raises(PromptError, match="'a red apple on a table' is not in the toy grammar"):
+        pipe(["a red circle on a white background", "a red apple on a table"], seed=0)
+    assert int(pipe("a red circle on a white background", seed=0).steps[0]) >= 1
+
+
+# ---------------------------------------------------------------------------- WEAK: tracebacks -> one line
+def test_a_forced_family_that_does_not_fit_the_folder_is_one_line(tiny_backbone_dir):
+    from tpdm_rl.rollout.families import FamilyError, detect_family
+
+    with pytest.raises(FamilyError, match="backbone.family 'flux' does not fit .* StableDiffusion3Pipeline"):
+        detect_family(tiny_backbone_dir, "flux")
+    assert detect_family(tiny_backbone_dir, "sd3") == "sd3"
+
+
+def test_cuda_without_a_gpu_and_an_absurd_size_are_one_line(toy_run, tmp_path, monkeypatch):
+    import torch
+
+    from tpdm_rl.utils import DeviceError, resolve_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="'cuda' requested but this machine has 0 CUDA"):
+            resolve_device("cuda")  # was a RuntimeError deep inside .to("cuda")
+        line = _one_line(run_cli_in_process("sample", "--checkpoint", str(toy_run), "--prompt",
+                                            "a red circle on a white background", "--output", str(tmp_path / "a.png"),
+                                            "--device", "cuda"), 2)
+        assert "--device 'cuda' requested but this machine has" in line, line
+    line = _one_line(run_cli_in_process("sample", "--checkpoint", str(toy_run), "--prompt",
+                                        "a red circle on a white background", "--output", str(tmp_path / "a.png"),
+                                        "--size", "100000"), 2)
+    assert "--size 100000: expected an image size from 16 to 4096 pixels" in line
+
+
+# ---------------------------------------------------------------------------- WEAK: misleading messages
+def test_address_auto_without_a_cluster_says_so(monkeypatch):
+    import ray
+
+    from tpdm_rl.executors.ray_pool import RayAddressError, init_ray
+
+    def no_cluster(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(RayAddressError, match="--address auto: no running Ray cluster was found"):
+        init_ray("auto")
+
+
+def test_export_refuses_an_evaluation_without_its_complete_marker(tiny_run, tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.md").write_text("# Evaluation\n\nhalf written\n")
+    line = _one_line(run_cli_in_process("export", "--checkpoint", str(tiny_run), "--output", str(tmp_path / "x"),
+                                        "--eval", str(ev)), 1)
+    assert "did not finish (no COMPLETE marker" in line, line
+    assert not (tmp_path / "x").exists()
+    (ev / "COMPLETE").write_text("evaluation complete\n")
+    assert run_cli_in_process("export", "--checkpoint", str(tiny_run), "--output", str(tmp_path / "x"), "--eval",
+                              str(ev)).returncode == 0
+
+
+# ---------------------------------------------------------------------------- WEAK: slow to fail
+@pytest.mark.parametrize("command", [
+    ["eval", "--methods", "tpm,sigmas:1,0.5", "--output", "{tmp}/e"],
+    ["sample", "--method", "sigmas:1,0.5", "--prompt", "a red circle on a white background", "--output", "{tmp}/a.png"],
+    ["sample", "--prompt", "a red apple on a table", "--output", "{tmp}/a.png"],
+])
+def test_argument_errors_answer_before_torch_loads(toy_run, tmp_path, command):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command] + ["--checkpoint", str(toy_run)]
+    code = (f"import sys; from tpdm_rl.cli import main; rc = main({args!r}); "
+            "print('torch loaded:', 'torch' in sys.modules, 'rc:', rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "torch loaded: False rc: 2" in r.stdout, (r.stdout, r.stderr[-2000:])  # was 7-8 s: torch + checkpoint
+
+
+# ---------------------------------------------------------------------------- WEAK: wrong words
+def test_the_model_card_of_a_stop_ratio_toy_tpm_describes_it(toy_run, tmp_path):
+    exp = tmp_path / "export"
+    assert run_cli_in_process("export", "--checkpoint", str(toy_run), "--output", str(exp)).returncode == 0
+    card = (exp / "README.md").read_text()
+    assert "mode of a Beta" not in card and "stop head" in card
+    assert "apple" not in card and "builtin:eval" not in card
+    assert "builtin:toy-heldout" in card and "--rewards shapes" in card and "builtin:toy`" in card
+
+
+def test_help_texts_name_flux_and_tpm_mean():
+    r = run_cli_in_process("--help")
+    assert "FLUX.1" in r.stdout and "TPDM on SD3)" not in r.stdout
+    r = run_cli_in_process("eval", "--help")
+    assert "tpm-mean" in " ".join(r.stdout.split())
+
+
+def test_the_toy_config_and_the_readme_agree_on_the_run_time():
+    import re
+
+    cfg = (ROOT / "configs" / "toy.yaml").read_text().split("seed:")[0]
+    readme = (ROOT / "README.md").read_text()
+    said = re.findall(r"~?(\d+) minutes", cfg)
+    assert said, cfg
+    assert f"~{said[0]} minutes" in readme, (said, "README quick start")

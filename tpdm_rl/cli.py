@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .cli_config import check_prompt_files
 from .cli_config import register as register_config
 from .cli_eval import register
 from .cli_make import register as register_make
@@ -62,15 +63,17 @@ class RunUnhealthy(RuntimeError):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import check_config_keys, load_config
 
     cfg = load_config(args.config, args.set)  # config errors answer before any model library loads
     if args.allow_config_change and not args.resume:
         raise UsageError(f"--allow-config-change {' '.join(args.allow_config_change)} needs --resume (it accepts "
                          "changes against the checkpoint being resumed)")
-    from .prompts import load_prompts
-
-    load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)  # a bad prompts file answers before torch loads
+    if args.fresh_optimizer and not args.resume:
+        raise UsageError("--fresh-optimizer needs --resume (it accepts a checkpoint without optimizer.pt); a new "
+                         "run always starts with a fresh optimizer")
+    check_config_keys(args.allow_config_change, "--allow-config-change", cfg)
+    check_prompt_files(cfg)  # bad prompts files (training and closing eval) answer before torch loads
     from .controller import Controller  # the Controller applies the thread policy (train.threads)
     from .summary import write_summary
 
@@ -115,7 +118,8 @@ def closing_evaluation(cfg, output: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpdm-rl", description="RL for per-prompt diffusion schedules (TPDM on SD3).")
+    p = argparse.ArgumentParser(prog="tpdm-rl", description="RL for per-prompt diffusion schedules (TPDM on SD3, SD3.5 and "
+                                "FLUX.1 backbones, and on a shipped toy world).")
     p.add_argument("--version", action="version", version=f"tpdm-rl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: exception classes (by name, so that catching them needs no heavy import) -> exit code
-USAGE_ERRORS = ("ConfigError", "DeviceError", "PresetError", "UsageError")
+USAGE_ERRORS = ("ConfigError", "DeviceError", "PresetError", "UsageError", "_SweepOptionError", "PromptError",
+                "MethodError", "TableError", "_OptionError")
 FAIL_ERRORS = ("PromptFileError", "RewardError", "BackboneError", "CheckpointError", "FileNotFoundError",
                "FileExistsError", "RunFolderError", "RunUnhealthy", "RandomBackboneError", "ExportError",
                "EvalOutputError", "RayAddressError")

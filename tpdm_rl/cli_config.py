@@ -93,13 +93,24 @@ def markdown_reference() -> str:
     return "\n".join(out) + "\n"
 
 
+def check_prompt_files(cfg: Config) -> None:
+    """A malformed or degenerate prompts file (the training set, and the closing evaluation's when it is on), or
+    (shapes reward) a prompt outside the toy grammar: one line naming its line, before anything loads."""
+    load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)
+    if cfg.eval.enabled:
+        names = {r.strip() for r in cfg.eval.rewards.split(",")}
+        try:
+            load_prompts(cfg.eval.prompts, toy="shapes" in names)
+        except (ValueError, OSError) as exc:
+            raise type(exc)(f"eval.prompts: {str(exc).splitlines()[0]}") from None
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.explain:
         print(markdown_reference() if args.markdown else explain(), end="" if args.markdown else "\n")
         return 0
     cfg = load_config(args.config, args.set)
-    # a malformed or degenerate prompts file is reported here too, and (shapes reward) a prompt outside the toy grammar
-    load_prompts(cfg.rollout.prompts, toy="shapes" in cfg.rewards)
+    check_prompt_files(cfg)
     print(config_to_yaml(cfg), end="")
     return 0
 

@@ -9,11 +9,22 @@ entry or a bad numeric option is reported here with exit code 2.
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
+from tpdm_rl.rewards.registry import reward_info
+from tpdm_rl.rollout.methods import parse_method, parse_methods
+from tpdm_rl.rollout.tables import load_family
+from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, check_toy_prompts
+
+from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_OUTPUT_FILES, MAX_SIZE, MIN_SIZE
+from .prompts import load_prompts
 from .threads import apply_threads
 
 # torch and the model libraries are imported inside the commands (after the thread policy is applied),
@@ -56,6 +67,70 @@ def _check_threads(threads: int) -> None:
         raise _OptionError(f"--threads must be >= 0 (0: the CPUs idle at start), got {threads}")
 
 
+def _may_have_cuda() -> bool:
+    """False only when this machine surely has no NVIDIA GPU (no device node, no nvidia-smi): answered without
+    torch; torch's own count decides otherwise."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg") or shutil.which("nvidia-smi"))
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks every command that loads a TPM shares, made before torch loads (each answers in well under 1 s)."""
+    _check_threads(args.threads)
+    if not _DEVICE.match(args.device):
+        raise _OptionError(f"--device {args.device!r} is not a torch device; expected auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not _may_have_cuda():
+        raise _OptionError(f"--device {args.device!r} requested but this machine has no CUDA device; use auto or cpu")
+    if args.backbone and args.backbone.startswith("builtin:") and args.backbone not in SHIPPED_TOY_BACKBONES:
+        raise _OptionError(f"--backbone {args.backbone!r} is not a shipped backbone; expected one of "
+                           f"{', '.join(SHIPPED_TOY_BACKBONES)}, a local diffusers folder or a hub id")
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"TPM checkpoint {args.checkpoint!r} does not exist; expected a run folder, a "
+                                "checkpoint or export folder, or a tpm.safetensors file")
+
+
+def _recorded_backbone(checkpoint: str) -> str | None:
+    """The backbone a TPM file names (its ``inference`` metadata), read from the safetensors header without
+    torch; None when it cannot be read here (the full load reports why)."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        for cand in (p / "tpm.safetensors", p / "latest", p / "checkpoints" / "latest"):
+            if cand.name == "latest" and cand.is_file():
+                cand = cand.parent / cand.read_text().strip() / "tpm.safetensors"
+            if cand.is_file():
+                p = cand
+                break
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return json.loads(meta.get("inference", "{}")).get("backbone_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_toy_prompts_early(args: argparse.Namespace, prompts: list[str]) -> None:
+    """On a toy backbone (``--backbone`` or the one the TPM names) prompts outside its grammar fail before torch."""
+    backbone = args.backbone or _recorded_backbone(args.checkpoint)
+    if backbone:
+        check_toy_prompts(backbone, prompts)
+
+
+def _check_eval_output(out: Path, overwrite: bool) -> None:
+    """The same refusals as ``evaluation.run.check_output``, before torch loads."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {str(out)!r} is a file; expected a folder for results.json/.md and the "
+                              "figures")
+    earlier = [n for n in EVAL_OUTPUT_FILES if (out / n).exists()] if out.is_dir() else []
+    if earlier and not overwrite:
+        raise FileExistsError(f"--output {str(out)!r} holds an earlier evaluation ({', '.join(earlier[:3])}); pass "
+                              "--overwrite to replace it, or choose another folder")
+
+
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
@@ -65,19 +140,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise _OptionError(f"{flag} must be >= 1, got {v}")
     if args.limit is not None and args.limit < 1:
         raise _OptionError(f"--limit must be >= 1, got {args.limit}")
-    _check_threads(args.threads)
+    if args.grid_prompts < 1:
+        raise _OptionError(f"--grid-prompts must be >= 1 (rows of grid.png), got {args.grid_prompts}")
+    _check_common(args)
+    parse_methods(args.methods)  # every value is checked before torch loads
+    if args.tables:
+        load_family(args.tables)
+    names = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    if not names:
+        raise _OptionError(f"--rewards {args.rewards!r}: expected comma-separated reward names, e.g. fidelity,shapes")
+    for name in names:
+        try:
+            reward_info(name)
+        except ValueError as exc:
+            raise _OptionError(f"--rewards {name}: {exc}") from None
+    prompts = load_prompts(args.prompts, toy="shapes" in names)
+    _check_toy_prompts_early(args, prompts[:args.limit] if args.limit else prompts)
+    _check_eval_output(Path(args.output), args.overwrite)
     apply_threads(args.threads, "eval")
-    from tpdm_rl.rollout.methods import parse_methods
-
     from .cli import _quiet_libraries
     from .evaluation import evaluate
+    from .utils import check_device
+
+    check_device("--device", args.device)  # no accelerator: one line before the checkpoint loads
 
     _quiet_libraries()
-    parse_methods(args.methods)  # fail before anything is loaded
-    if args.tables:
-        from tpdm_rl.rollout.tables import load_family
-
-        load_family(args.tables)
     t0 = time.perf_counter()
     report = evaluate(args.checkpoint, args.output, prompts=args.prompts, methods=args.methods, rewards=args.rewards,
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
@@ -96,23 +183,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.adaptive is not None and args.adaptive < 0:
         raise _OptionError(f"--adaptive must be >= 0, got {args.adaptive}")
-    if args.size is not None and args.size < 1:
-        raise _OptionError(f"--size must be a positive number of pixels, got {args.size}")
+    if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
+        raise _OptionError(f"--size {args.size}: expected an image size from {MIN_SIZE} to {MAX_SIZE} pixels")
     suffix = Path(args.output).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:  # checked before anything is sampled
         raise _OptionError(f"--output {args.output!r}: unsupported image extension {suffix or '(none)'!r}; expected "
                            f"one of {', '.join(IMAGE_SUFFIXES)}")
-    _check_threads(args.threads)
-    apply_threads(args.threads, "sample")
-    from tpdm_rl.rollout.methods import parse_method
-    from tpdm_rl.rollout.pipeline import TPDMPipeline
-
-    method = parse_method(args.method)
+    _check_common(args)
+    method = parse_method(args.method)  # before torch loads
     if method.kind == "tpm-mean":
         raise _OptionError("--method tpm-mean needs many prompts (use tpdm-rl eval); expected tpm, fixed:N, "
                            "sigmas:..., adaptive:... or tpm+adaptive:...")
     if args.adaptive is not None and method.kind != "tpm":
         raise _OptionError(f"--adaptive adds skipping to --method tpm only, got --method {args.method!r}")
+    _check_toy_prompts_early(args, [args.prompt])  # a toy backbone: its grammar is checked before anything loads
+    apply_threads(args.threads, "sample")
+    from tpdm_rl.rollout.pipeline import TPDMPipeline
+
+    from .utils import check_device
+
+    check_device("--device", args.device)
 
     from .cli import _quiet_libraries
 
@@ -148,7 +238,8 @@ def register(subparsers) -> None:
     e.add_argument("--prompts", default="builtin:eval", help=".txt/.jsonl file or builtin:eval (default)")
     e.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: fixed:N, sigmas:S0,S1,...,0 (an explicit table), "
-                        "adaptive:THRESHOLD[:MAX_SKIP], tpm, "
+                        "adaptive:THRESHOLD[:MAX_SKIP], tpm, tpm-mean[:N] (the TPM's own mean schedule as one "
+                        "fixed table, at the TPM's mean NFE or N steps), "
                         "tpm+adaptive:THRESHOLD[:MAX_SKIP], and adaptive-legacy / tpm+adaptive-legacy (the "
                         f"earlier skip rule) (default {DEFAULT_METHODS}); fixed:28 is always run as the reference")
     e.add_argument("--rewards", default="fidelity",
@@ -162,7 +253,7 @@ def register(subparsers) -> None:
                    help="fixed:N step counts drawn as the curve in pareto.png")
     e.add_argument("--batch-size", type=int, default=16, help="concurrent images per backbone call")
     e.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:N")
-    e.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png")
+    e.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png (>= 1)")
     e.add_argument("--timing-repeats", type=int, default=1,
                    help="sample each method R times and report the fastest wall clock (damps machine noise)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -182,7 +273,8 @@ def register(subparsers) -> None:
     s.add_argument("--output", required=True, help="image file (.png, .jpg, .webp, ...)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (as diffusers' Generator().manual_seed)")
     s.add_argument("--backbone", default=None, help="backbone path (default: the TPM's backbone_path)")
-    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the trained resolution)")
+    s.add_argument("--size", type=int, default=None,
+                   help="image size in pixels, 16 to 4096 (default: the trained resolution)")
     s.add_argument("--method", default="tpm", help="tpm (default), or a baseline: sigmas:S0,...,0 (an explicit "
                    "table), fixed:N, adaptive:THRESHOLD")
     s.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",

@@ -23,7 +23,23 @@ def _print_summary(report: dict, budget: float | None) -> None:
         print(budget_line(report, budget))
 
 
+class _SweepOptionError(ValueError):
+    """A bad sweep option (one line, exit code 2), found before any trial runs."""
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.budget is not None and not args.budget > 0:
+        raise _SweepOptionError(f"--budget {args.budget:g}: expected a mean number of steps > 0")
+    if args.samples < 1:
+        raise _SweepOptionError(f"--samples must be >= 1, got {args.samples}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    _check_options(args)  # before Ray, the trials and the report
+    from .sweep import plan_sweep
+
+    # every trial config (--set, --grid, --random values included) is validated before torch or Ray loads
+    plan_sweep(args.output, args.config, args.set, args.grid, args.random, args.samples, args.log)
     from .cli import _quiet_libraries
     from .sweep import run_sweep
 
@@ -45,6 +61,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
+    if args.budget is not None and not args.budget > 0:
+        raise _SweepOptionError(f"--budget {args.budget:g}: expected a mean number of steps > 0")
     from .sweep import collect_report, write_report
 
     report = collect_report(args.dir)

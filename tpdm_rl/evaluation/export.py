@@ -10,7 +10,9 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
+from tpdm_rl.defaults import EVAL_COMPLETE
 from tpdm_rl.rollout.settings import transformer_geometry
+from tpdm_rl.rollout.toy import toy_world
 from tpdm_rl.tpm_file import (
     EXPORT_CONFIG,
     CheckpointError,
@@ -27,7 +29,8 @@ def find_eval_results(tpm_file: Path) -> Path | None:
     cands = [d / "results.md", d / "eval" / "results.md"]
     if d.parent.name == "checkpoints":
         cands.append(d.parent.parent / "eval" / "results.md")
-    return next((c for c in cands if c.is_file()), None)
+    # an evaluation stopped while writing (no COMPLETE marker) is not one to describe the model with
+    return next((c for c in cands if c.is_file() and (c.parent / EVAL_COMPLETE).is_file()), None)
 
 
 #: the files an export consists of (an existing one in --output means an earlier export)
@@ -73,6 +76,10 @@ def export_tpm(checkpoint: str | os.PathLike, output: str | os.PathLike, eval_di
         results_md = p if p.is_file() else p / "results.md"
         if not results_md.is_file():
             raise FileNotFoundError(f"--eval {str(eval_dir)!r} holds no results.md (run tpdm-rl eval first)")
+        if not (results_md.parent / EVAL_COMPLETE).is_file():
+            raise ExportError(f"--eval {str(eval_dir)!r} is an evaluation that did not finish (no {EVAL_COMPLETE} "
+                              "marker: it was stopped while writing); expected a complete one: rerun tpdm-rl eval "
+                              "with --overwrite")
     else:
         results_md = find_eval_results(tpm_file)
 
@@ -96,28 +103,58 @@ def export_tpm(checkpoint: str | os.PathLike, output: str | os.PathLike, eval_di
     return out
 
 
+#: how the TPM picks its ratio at inference (``policy.inference``), in words, per action
+_PICK = {("beta", "mode"): "the mode of a Beta distribution", ("beta", "mean"): "the mean of a Beta distribution",
+         ("beta", "sample"): "a draw from a Beta distribution keyed by the image's noise seed"}
+
+
+def _what_it_predicts(spec: dict, settings: dict) -> str:
+    """The model card's sentence on the TPM's action (the Beta ratio or the stop head + ratio)."""
+    action, how = spec.get("action", "beta"), settings.get("inference", "mode")
+    if action == "stop-ratio":
+        pick = {"mode": "stop when p_stop > 1/2, else the median ratio", "mean": "the mean decision",
+                "sample": "a draw keyed by the image's noise seed"}.get(how, how)
+        return ("at every denoising step a stop head decides whether to jump to sigma 0, else the next noise level "
+                f"is sigma_next = r * sigma with r from a logit-normal distribution (inference: {pick})")
+    return (f"at every denoising step the next noise level (sigma_next = r * sigma, r = "
+            f"{_PICK.get((action, how), how)})")
+
+
+def _examples(backbone: str) -> tuple[str, str, str]:
+    """(a prompt, the eval prompt set, the eval reward) that suit the backbone: toy-world ones on a toy backbone."""
+    world = toy_world(backbone)
+    if world == "places":
+        return "a red circle in the top left on a white background", "builtin:toy-places-heldout", "shapes"
+    if world is not None:
+        return "two red circles and a blue square on a white background", "builtin:toy-heldout", "shapes"
+    return "a red apple on a table", "builtin:eval", "fidelity"
+
+
 def model_card(out: Path, settings: dict, spec: dict, meta: dict, train_cfg: str, results_md: str | None) -> str:
+    backbone = str(settings.get("backbone_path") or "")
+    family = {"sd3": "SD3-family", "flux": "FLUX.1"}.get(settings.get("backbone_family", ""), "flow-matching")
+    on = f"the shipped toy backbone `{backbone}`" if toy_world(backbone) else f"a frozen {family} backbone"
+    prompt, prompts, reward = _examples(backbone)
     lines = [
         f"# TPDM Time Prediction Module: {out.name}",
         "",
-        "A Time Prediction Module (TPM) trained with tpdm-rl: on a frozen SD3-family backbone it predicts, at every "
-        "denoising step, the next noise level (sigma_next = r * sigma, r = mode of a Beta distribution), so every "
-        "prompt gets its own schedule and number of steps.",
+        f"A Time Prediction Module (TPM) trained with tpdm-rl: on {on} it predicts {_what_it_predicts(spec, settings)}, "
+        "so every prompt gets its own schedule and number of steps.",
         "",
         "## Use",
         "",
         "```python",
         "from tpdm_rl.rollout.pipeline import TPDMPipeline",
         "",
-        f'pipe = TPDMPipeline.from_pretrained(tpm="{out}")  # backbone: {settings.get("backbone_path")}',
-        'out = pipe(["a red apple on a table"], seed=[0])',
-        "out.pil()[0].save(\"apple.png\"); print(out.steps, out.sigmas[0])",
+        f'pipe = TPDMPipeline.from_pretrained(tpm="{out}")  # backbone: {backbone}',
+        f'out = pipe([{prompt!r}], seed=[0])'.replace("'", '"'),
+        "out.pil()[0].save(\"sample.png\"); print(out.steps, out.sigmas[0])",
         "```",
         "",
         "```bash",
-        f'tpdm-rl sample --checkpoint {out} --prompt "a red apple on a table" --output apple.png --seed 0',
-        f"tpdm-rl eval --checkpoint {out} --prompts builtin:eval --methods tpm,fixed:28,fixed:14,adaptive:0.01 "
-        "--output eval",
+        f'tpdm-rl sample --checkpoint {out} --prompt "{prompt}" --output sample.png --seed 0',
+        f"tpdm-rl eval --checkpoint {out} --prompts {prompts} --methods tpm,tpm-mean,fixed:28,adaptive:0.01 "
+        f"--rewards {reward} --output eval",
         "```",
         "",
         "Pass `backbone_path` / `--backbone` when the backbone lives elsewhere; the TPM checks that the backbone's "

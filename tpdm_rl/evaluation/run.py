@@ -20,7 +20,7 @@ import yaml
 from torchmetrics.functional import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
-from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS
+from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_COMPLETE, EVAL_OUTPUT_FILES
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.rewards.fidelity import psnr
 from tpdm_rl.rewards.registry import RewardError, build_reward
@@ -39,10 +39,9 @@ from .report import results_markdown
 
 REFERENCE = Method("fixed", steps=28)
 #: written last by ``evaluate``: its absence marks an evaluation that did not finish
-COMPLETE = "COMPLETE"
+COMPLETE = EVAL_COMPLETE
 #: every file ``evaluate`` writes (an earlier evaluation's are removed before a new one starts)
-OUTPUT_FILES = ("results.json", "results.md", "schedules.png", "nfe_hist.png", "pareto.png", "grid.png",
-                "steps_vs_complexity.png", COMPLETE)
+OUTPUT_FILES = EVAL_OUTPUT_FILES
 EVAL_SEED = 0xE7A1
 
 
@@ -201,6 +200,7 @@ def _evaluate(checkpoint, out_dir: Path, prompts, methods, rewards, seeds, backb
 
     pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size,
                                         inference=inference)
+    pipe.check_prompts(prompt_list)  # a toy backbone draws only its world's prompts
     sampler = pipe.sampler()
     bb = pipe.backbone
     items = [(i, k) for i in range(len(prompt_list)) for k in range(int(seeds))]

@@ -30,8 +30,14 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> bool:
     if addr:  # a job's own runtime_env (working_dir, ...) is inherited as it is
         if addr not in ("auto",) and not addr.startswith("ray://"):
             _check_reachable(addr)
-        with waiting(f"connecting to the Ray cluster at {addr}"):
-            ray.init(address=addr, log_to_driver=False)
+        try:
+            with waiting(f"connecting to the Ray cluster at {addr}"):
+                ray.init(address=addr, log_to_driver=False)
+        except ConnectionError as exc:  # Ray's own text talks of an "instance" and is read as a write error
+            where = "--address auto" if addr == "auto" else f"Ray address {addr!r}"
+            raise RayAddressError(f"{where}: no running Ray cluster was found ({str(exc).splitlines()[0]}); start "
+                                  "one with `ray start --head`, pass its HOST:PORT, or leave --address out to start "
+                                  "a local instance") from None
         return False
     # address="local": a new instance, never one recorded in /tmp/ray/ray_current_cluster by another user
     with waiting("starting a local Ray instance"):

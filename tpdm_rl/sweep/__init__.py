@@ -22,9 +22,21 @@ the base weights are the same for every trial, and the step penalty is left out 
 axis). ``best_under_budget`` returns the highest-quality trial whose mean steps fit the budget.
 """
 
+import importlib
+from typing import Any
+
 from .plan import SweepError, plan_sweep
-from .report import best_under_budget, budget_line, collect_report, report_table, write_report
-from .tune import run_sweep
+
+#: names re-exported from the submodules that load torch, matplotlib and Ray: imported on first use, so that
+#: validating a sweep (``plan``) answers in well under a second
+_LAZY = {"best_under_budget": "report", "budget_line": "report", "collect_report": "report",
+         "report_table": "report", "write_report": "report", "run_sweep": "tune"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["SweepError", "best_under_budget", "budget_line", "collect_report", "plan_sweep", "report_table",
            "run_sweep", "write_report"]

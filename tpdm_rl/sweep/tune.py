@@ -147,6 +147,9 @@ def _run_tune(out: Path, pending: list[TrialSpec], plan: dict, bundles: dict, ma
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our echo lines replace Tune's status output
+    # Tune's new output engine prints a metric box per result and per finished or failed trial whatever
+    # `verbose` says; the legacy reporter at verbose=0 prints nothing (our echo lines say the same, shorter)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
     started = init_ray(address or "")
     try:
