@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.tpm_file": 2, "tpdm_rl.metrics": 2,
     "tpdm_rl.summary": 2,
     "tpdm_rl.resources": 2,
-    "tpdm_rl.controller": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
+    "tpdm_rl.controller": 3, "tpdm_rl.sanity": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
     "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_make": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4, "tpdm_rl.reference": 4, "tpdm_rl.plot_layout": 4,
     "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4, "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
 }

@@ -87,6 +87,9 @@ class PolicyConfig(_Strict):
                                     "untrained TPM follows (decreasing, in [0, 1], ending at 0), e.g. [1, 0.9, "
                                     "0.75, 0.5, 0]; choose it on training-split prompts (benchmarks/toy_tables.py)")
     init_spread: float = Field(0.3, gt=0.0, le=5.0, description="stop-ratio: the untrained TPM's std of logit r")
+    stop_sharpness: float = Field(3.0, gt=0.0, le=50.0, description="stop-ratio: the untrained TPM's stop logit "
+                                  "per table position (3: p_stop 0.18 one table step before the table's jump to 0, "
+                                  "0.82 at it); higher explores shorter schedules less")
     inputs: Literal["blocks", "paper"] = Field("blocks", description="blocks: backbone.feature_blocks of the "
                                                "conditional branch, mean+max pool, 1+softplus; paper: the official "
                                                "TPDM inputs (pos_embed and norm_out outputs and temb, CFG-combined), "

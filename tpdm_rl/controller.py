@@ -81,7 +81,7 @@ def score_iteration(cfg: Config, rewards: RewardSet, raw: dict[str, torch.Tensor
                     group: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     """Reward metrics and GRPO advantages from raw component scores (None when a score is not finite)."""
     metrics: dict = {f"reward/{name}": float(x.mean()) for name, x in raw.items()}
-    metrics.update(step_metrics(steps))
+    metrics.update(step_metrics(steps, group))
     bad = rewards.first_nonfinite(raw)
     if bad is not None:
         metrics["reward/total"] = float("nan")
@@ -97,10 +97,23 @@ def score_iteration(cfg: Config, rewards: RewardSet, raw: dict[str, torch.Tensor
     return metrics, adv
 
 
-def step_metrics(steps: torch.Tensor) -> dict[str, float]:
-    s = steps.float()
-    return {"steps/mean": float(s.mean()), "steps/min": float(s.min()), "steps/max": float(s.max()),
-            "steps/std": float(s.std()) if s.numel() > 1 else 0.0}
+def step_metrics(steps: torch.Tensor, group: torch.Tensor | None = None) -> dict[str, float]:
+    """Step counts of an iteration. With the prompt groups: ``steps/prompt_spread``, the std over prompts of each
+    prompt's mean steps (a policy that adapts per prompt raises it above its sampling floor, about
+    ``steps/group_std`` / sqrt(group size)), and ``steps/group_std``, the mean std within a prompt's group (what
+    is left to explore)."""
+    s = steps.double()
+    out = {"steps/mean": float(s.mean()), "steps/min": float(s.min()), "steps/max": float(s.max()),
+           "steps/std": float(s.std()) if s.numel() > 1 else 0.0}
+    if group is not None and s.numel():
+        g = torch.unique(group, return_inverse=True)[1]
+        n = int(g.max()) + 1
+        cnt = torch.zeros(n, dtype=torch.float64).index_add_(0, g, torch.ones_like(s))
+        mean = torch.zeros(n, dtype=torch.float64).index_add_(0, g, s) / cnt
+        var = torch.zeros(n, dtype=torch.float64).index_add_(0, g, (s - mean[g]) ** 2) / (cnt - 1).clamp_min(1)
+        out["steps/prompt_spread"] = float(mean.std()) if n > 1 else 0.0
+        out["steps/group_std"] = float(var.sqrt().mean())
+    return out
 
 
 def make_executor(cfg: Config, backbone_path: str, address: str | None = None) -> Executor:

@@ -34,6 +34,8 @@ steps/mean                 | steps             | mean steps per trajectory (step
 steps/min                  | steps             | fewest steps of a trajectory
 steps/max                  | steps             | most steps of a trajectory
 steps/std                  | steps             | standard deviation of the steps (0 for one trajectory)
+steps/prompt_spread        | steps             | std over the iteration's prompts of each prompt's mean steps: rises above its sampling floor (about `steps/group_std` / sqrt(group size)) when the policy gives different prompts different step counts
+steps/group_std            | steps             | mean std of the steps within a prompt's group: the exploration left to learn from
 loss/policy                | loss              | PPO-clip policy loss, mean over the applied optimiser steps
 loss/kl_ref                | nats              | KL divergence of the TPM from the initial TPM per step, mean over the applied optimiser steps
 policy/clipfrac            | fraction          | fraction of valid steps whose ratio was clipped

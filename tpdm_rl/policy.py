@@ -37,7 +37,12 @@ from .config import Config
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite
 ACTIONS = ("beta", "stop-ratio")
 STOP = 0.0  # the stored action of a "stop" decision (stop-ratio); ratios lie in (R_EPS, 1 - R_EPS)
-STOP_SHARPNESS = 8.0  # base stop logit per table position: p_stop 0.02 one table step before the jump, 0.98 at it
+#: base stop logit per table position (``TPMSpec.stop_sharpness``): at 3, p_stop is 0.18 one table step before the
+#: jump to 0, 0.011 two steps before, 0.82 at it. At the former 8 (0.018 / 6e-6 / 0.98) a group almost never tried a
+#: shorter schedule, so GRPO had no per-prompt contrast to learn from (docs/design.md, "Exploration of the stop head")
+STOP_SHARPNESS = 3.0
+#: the sharpness of TPM files written before it was a setting
+LEGACY_STOP_SHARPNESS = 8.0
 BASE_RATIO_RANGE = (0.02, 0.98)  # the base ratio is clamped here before its logit
 
 
@@ -56,6 +61,7 @@ class TPMSpec:
     action: str = "beta"  # "beta" (the paper's Beta ratio) or "stop-ratio" (stop head + logit-normal ratio)
     init_table: tuple[float, ...] = ()  # stop-ratio: the base sigma table (decreasing, ending at 0)
     init_spread: float = 0.3  # stop-ratio: the untrained TPM's std of logit r
+    stop_sharpness: float = STOP_SHARPNESS  # stop-ratio: base stop logit per table position
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -68,6 +74,8 @@ class TPMSpec:
         d = dict(d)
         d["feature_blocks"] = tuple(d.get("feature_blocks", (0, -1)))
         d["init_table"] = tuple(float(v) for v in d.get("init_table", ()))
+        if d.get("action") == "stop-ratio":  # stop-ratio files from before the setting used the legacy sharpness
+            d.setdefault("stop_sharpness", LEGACY_STOP_SHARPNESS)
         return cls(**d)
 
 
@@ -121,6 +129,8 @@ class TimePredictionModule(nn.Module):
                                  f"{list(spec.init_table)}")
             if not spec.init_spread > 0:
                 raise ValueError(f"init_spread must be > 0, got {spec.init_spread}")
+            if not spec.stop_sharpness > 0:
+                raise ValueError(f"stop_sharpness must be > 0, got {spec.stop_sharpness}")
             self.register_buffer("table", table, persistent=False)
             with torch.no_grad():
                 last.bias.zero_()
@@ -154,7 +164,7 @@ class TimePredictionModule(nn.Module):
             pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
         ab = self.head(pooled)
         if self.stop_ratio:
-            base_stop, base_logit = table_base(self.table, sigma.float().to(ab.device))
+            base_stop, base_logit = table_base(self.table, sigma.float().to(ab.device), self.spec.stop_sharpness)
             return (base_stop + ab[:, 0], base_logit + ab[:, 1],
                     math.log(self.spec.init_spread) + ab[:, 2].clamp(-6.0, 3.0))
         act = torch.exp if self.paper else F.softplus
@@ -223,12 +233,13 @@ class TimePredictionModule(nn.Module):
         return torch.where(stop_logit > 0, torch.full_like(r, STOP), r)
 
 
-def table_base(table: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def table_base(table: torch.Tensor, sigma: torch.Tensor, sharpness: float = STOP_SHARPNESS
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(base stop logit, base logit of r) at ``sigma`` for a decreasing sigma ``table`` ending at 0.
 
     sigma is placed at its fractional position u on the table (linear between entries); the base next
     sigma is the table read at u + 1, the base ratio that over sigma. The stop logit rises by
-    :data:`STOP_SHARPNESS` per table position and crosses 0 half a position before the table's last
+    ``sharpness`` per table position and crosses 0 half a position before the table's last
     non-zero entry: on the table, the policy stops exactly where the table jumps to 0."""
     t = table.to(sigma.device)
     n = t.numel()
@@ -242,7 +253,7 @@ def table_base(table: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, 
     j = nxt.floor().long().clamp(max=n - 2)
     g = t[j] + (t[j + 1] - t[j]) * (nxt - j.float())
     ratio = (g / sigma.clamp_min(1e-12)).clamp(*BASE_RATIO_RANGE)
-    stop = STOP_SHARPNESS * (u - (n - 2.5))
+    stop = sharpness * (u - (n - 2.5))
     return stop, torch.logit(ratio)
 
 
@@ -279,7 +290,8 @@ def build_policy(cfg: Config, in_channels: int, temb_dim: int) -> TimePrediction
                    init_ratio=cfg.policy.init_ratio, init_concentration=cfg.policy.init_concentration,
                    inputs=cfg.policy.inputs, action=cfg.policy.action,
                    init_table=tuple(cfg.policy.init_table) if cfg.policy.action == "stop-ratio" else (),
-                   init_spread=cfg.policy.init_spread)
+                   init_spread=cfg.policy.init_spread,
+                   stop_sharpness=cfg.policy.stop_sharpness if cfg.policy.action == "stop-ratio" else STOP_SHARPNESS)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(derive_key(cfg.seed, 0x7B3) % (2**63))
     try:
