@@ -95,8 +95,11 @@ class MethodSampler:
             raise MethodError(f"method {m.name!r} needs the TPM's mean schedule as a sigma table (tpdm-rl eval "
                               "computes it from the tpm run)")
         parts: list[SampleOutput] = []
-        # chunks keep the progress bar moving; within a chunk the engine batches continuously
-        chunk = self.batch_size * 4 if not m.skips else self.batch_size
+        # chunks keep the progress bar moving; within a chunk the engine batches continuously. A table every image
+        # follows (fixed, sigmas, tpm-mean) finishes a whole batch at once, so larger chunks gain nothing there and
+        # only held the bar still (the reference fixed:28 kept it at 0% for half a minute): one batch per chunk
+        per_prompt = m.kind == "tpm" and not m.skips
+        chunk = self.batch_size * 4 if per_prompt else self.batch_size
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(prompts), chunk):
             p, s = prompts[start:start + chunk], noise_seeds[start:start + chunk]

@@ -330,3 +330,119 @@ def test_the_toy_config_and_the_readme_agree_on_the_run_time():
     said = re.findall(r"~?(\d+) minutes", cfg)
     assert said, cfg
     assert f"~{said[0]} minutes" in readme, (said, "README quick start")
+
+
+# ---------------------------------------------------------------------------- WEAK: silences and pictures
+def test_make_random_backbone_says_what_it_writes_before_writing_it(tmp_path):
+    import tpdm_rl.builders.random_backbone as rb
+
+    said = []
+    rb.make_random_backbone(tmp_path / "b", "sd3.5-medium", no_t5=True, dtype="float32", layers=1,
+                            overrides=rb.shrunk_overrides(attention_head_dim=8, sample_size=8), progress=said.append)
+    starts = [i for i, s in enumerate(said) if "building and writing" in s]
+    ends = [i for i, s in enumerate(said) if s.endswith(" s)") and "written" in s]
+    assert starts and len(starts) == len(ends) and all(a < b for a, b in zip(starts, ends)), said
+    assert said[starts[0]].startswith(said[ends[0]].split(":")[0])  # announced, then done, component by component
+
+
+def test_the_eval_bar_moves_batch_by_batch_on_fixed_tables(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from tpdm_rl.rollout.methods import Method
+    from tpdm_rl.rollout.sampler import MethodSampler
+
+    def fake(self, m, p, s, decode, table=None):
+        n = len(p)
+        return SimpleNamespace(images=torch.zeros(n, 3, 2, 2), latents=torch.zeros(n, 1), nfe=torch.ones(n).long(),
+                               steps=torch.ones(n).long(), sigmas=[torch.ones(2)] * n, called=[torch.ones(1)] * n)
+
+    sampler = MethodSampler.__new__(MethodSampler)
+    sampler.batch_size = 32
+    monkeypatch.setattr(MethodSampler, "_run_engine", fake)
+    seen: list[int] = []
+    sampler.run(Method("fixed", steps=28), ["p"] * 200, list(range(200)), progress=seen.append)
+    assert seen[0] == 32 and sum(seen) == 200, seen  # was 128 images (four batches of 28 steps) at 0%
+    seen.clear()
+    sampler.run(Method("tpm"), ["p"] * 200, list(range(200)), progress=seen.append)
+    assert seen[0] == 128  # the TPM keeps its larger chunks: continuous batching refills finished slots
+
+
+def test_the_sweep_turns_off_tunes_metric_boxes(monkeypatch, tmp_path):
+    import tpdm_rl.sweep.tune as tune_mod
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    monkeypatch.setattr(tune_mod, "init_ray", stop)
+    with pytest.raises(Stop):
+        tune_mod._run_tune(tmp_path, [], {}, {}, 0, None, "none", "reward/total", print)
+    import os
+
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # the legacy reporter at verbose=0 prints no result boxes
+
+
+def _pareto_report(tpm_point: tuple[float, float]):
+    def ms(m, se=0.004):
+        return {"mean": m, "se": se}
+
+    def row(method, nfe, q, ref=False):
+        return {"method": method, "is_reference": ref, "nfe": {"mean": nfe, "min": int(nfe), "max": int(nfe)},
+                "rewards": {"shapes": ms(q)}, "psnr": ms(10 + nfe, 0.3), "ssim": ms(0.5, 0.01)}
+
+    methods = [row("tpm", *tpm_point), row("tpm-mean:5", 5.0, 0.86), row("fixed:28", 28, 0.9, True)]
+    return {"reference": "fixed:28", "rewards": ["shapes"], "num_images": 8, "resolution": 64, "methods": methods,
+            "pareto": [row(f"fixed:{n}", n, 0.5 + 0.01 * n, n == 28) for n in (2, 4, 8, 28)]}
+
+
+def test_the_tpm_point_is_drawn_on_top_of_a_coinciding_tpm_mean_point():
+    import matplotlib.pyplot as plt
+
+    from tpdm_rl.evaluation.plots import pareto_figure
+
+    fig = pareto_figure(_pareto_report((5.0, 0.86)), ["tpm", "tpm-mean:5", "fixed:28"])
+    ax = fig.axes[0]
+    lines = {c.get_label(): c[0] for c in ax.containers}
+    tpm, mean = lines["tpm"], lines["tpm-mean:5"]
+    assert tpm.get_marker() != mean.get_marker()
+    assert tpm.get_zorder() > mean.get_zorder() and tpm.get_markersize() > mean.get_markersize()
+    plt.close(fig)
+
+
+def test_schedules_png_draws_explicit_sigma_tables():
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from tpdm_rl.evaluation.plots import schedules_figure
+
+    def res(table):
+        return SimpleNamespace(sigmas=[torch.tensor(table)] * 2, nfe=torch.tensor([len(table) - 1] * 2),
+                               called=[torch.ones(len(table) - 1)] * 2)
+
+    results = {"tpm": res([1.0, 0.6, 0.2, 0.0]), "fixed:28": res([1.0 - i / 28 for i in range(29)]),
+               "sigmas:1,0.5,0": res([1.0, 0.5, 0.0])}
+    fig = schedules_figure(results, list(results), [(0, 0), (1, 0)], ["a red circle", "a blue square"], 2)
+    labels = [ln.get_label() for ln in fig.axes[0].lines]
+    assert any(lb.startswith("sigmas:1,0.5,0") for lb in labels), labels
+    plt.close(fig)
+
+
+def test_no_unplaced_objects_axis_on_the_reading_order_world():
+    from types import SimpleNamespace
+
+    import torch
+
+    from tpdm_rl.evaluation.run import complexity_report
+
+    prompts = ["a red circle on a white background", "two red circles and a blue square on a black background"]
+    r = {"tpm": SimpleNamespace(nfe=torch.tensor([3, 5]), rewards={"shapes": torch.tensor([1.0, 0.5])})}
+    cx = complexity_report(r, prompts, ["tpm"])
+    assert "nfe_by_unplaced" not in cx and "unplaced" not in cx["spearman_tpm_nfe"]  # objects == unplaced there
+    placed = ["a red circle in the top left on a white background", "two red circles on a black background"]
+    assert "nfe_by_unplaced" in complexity_report(r, placed, ["tpm"])  # the places world keeps its second axis

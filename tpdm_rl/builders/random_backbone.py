@@ -579,6 +579,8 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
                 tok.save_pretrained(tmp / name)
         for name, cfg in cfgs.items():
             t0 = time.perf_counter()
+            c = est["components"][name]  # said before the build: T5-XXL alone takes over a minute to write
+            say(f"{name}: building and writing {c['class']} ({c['params'] / 1e9:.3f}e9 parameters, {_gb(c['bytes'])}) ...")
             with torch.random.fork_rng(devices=[]), torch.device("cpu"), default_dtype(torch_dtype):
                 torch.manual_seed(_seed_for(seed, name))
                 model = _construct(name, cfg, flux=is_flux(preset))
@@ -587,9 +589,7 @@ def make_random_backbone(directory: str | os.PathLike, preset: str, no_t5: bool 
             index[name] = _library(model)
             del model
             gc.collect()
-            c = est["components"][name]
-            say(f"{name}: {c['class']}, {c['params'] / 1e9:.3f}e9 parameters, {_gb(c['bytes'])} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            say(f"{name}: written ({time.perf_counter() - t0:.0f} s)")
         (tmp / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
         write_json_atomic(tmp / MARKER, {
             "preset": preset, "seed": seed, "dtype": est["dtype"], "no_t5": bool(no_t5), "layers": layers,

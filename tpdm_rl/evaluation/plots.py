@@ -46,14 +46,21 @@ def schedules_figure(results: dict[str, MethodResult], shown: list[str], items, 
             s = results[name].sigmas[j].numpy()
             ax.plot(range(len(s)), s, "-o", ms=3, lw=1.4, color=cmap(c % 10),
                     label=f"TPM: {_short(prompts[items[j][0]], 28)} ({len(s) - 1} steps)")
+    # one table for every prompt: the scheduler's fixed:N, explicit sigmas: tables and the TPM's mean (tpm-mean)
     fixed = sorted((m for m in shown if parse_method(m).kind == "fixed"), key=lambda m: -parse_method(m).steps)
+    tables = [m for m in shown if parse_method(m).kind in ("sigmas", "tpm-mean")]
     styles = ["--", ":", "-."]
     for n, name in enumerate(fixed[:3]):
         s = results[name].sigmas[0].numpy()
         ax.plot(range(len(s)), s, styles[n % 3], color="black", lw=1.6, alpha=0.8, label=f"{name} (all prompts)")
+    greys = ["dimgray", "gray", "darkgray", "silver"]
+    for n, name in enumerate(tables[:4]):
+        s = results[name].sigmas[0].numpy()
+        ax.plot(range(len(s)), s, styles[n % 3], marker="x", ms=4, color=greys[n], lw=1.4,
+                label=f"{_short(name, 30)} ({len(s) - 1} steps, all prompts)")
     ax.set_xlabel("denoising step")
     ax.set_ylabel("sigma (noise level)")
-    ax.set_title("Schedules: TPM per prompt vs fixed")
+    ax.set_title("Schedules: TPM per prompt vs fixed tables")
     ax.grid(alpha=0.3)
     legend_right(ax, fontsize=7)
     for a, name in zip(axes[0, 1:], adaptive):
@@ -113,6 +120,9 @@ def pareto_figure(report: dict, shown: list[str]):
     cmap = plt.get_cmap("tab10")
     family = {r["method"] for r in report.get("tables_curve") or []}
     points = [r for r in report["methods"] if parse_method(r["method"]).kind != "fixed" and r["method"] not in family]
+    # the TPM last, on top, with a marker of its own: a tpm-mean:N point at the same place must not hide it
+    points = [r for r in points if r["method"] != "tpm"] + [r for r in points if r["method"] == "tpm"]
+    shapes = ["D", "s", "^", "v", "P", "X", "h"]
     layout = []
     for ax, (label, get) in zip(axes[0], metrics):
         is_psnr = label.startswith("PSNR")
@@ -135,7 +145,10 @@ def pareto_figure(report: dict, shown: list[str]):
         for c, r in enumerate(points):
             m = get(r)
             x, y = r["nfe"]["mean"], m["mean"]
-            ax.errorbar([x], [y], yerr=[m["se"]], fmt="o", ms=8, capsize=3, color=cmap(c % 10), label=r["method"])
+            tpm = r["method"] == "tpm"
+            ax.errorbar([x], [y], yerr=[m["se"]], fmt="*" if tpm else shapes[c % len(shapes)], ms=13 if tpm else 8,
+                        capsize=3, color=cmap(c % 10), label=r["method"], zorder=6 if tpm else 4,
+                        markeredgecolor="black" if tpm else None)
             markers.append((x, y))
             labels.append(Label(r["method"], (x, y), color=cmap(c % 10), fontsize=8, prefer=(45, 135, -45, -135)))
         for x, y, e in [(x, y, e) for x, y, e in zip(xs, ys, es)] + [
