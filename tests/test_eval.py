@@ -250,6 +250,7 @@ def test_sample_export_and_pipeline_round_trip(trained, tmp_path, capsys):
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "results.md").write_text("# TPDM evaluation\n\n| method | NFE |\n|---|---|\n| tpm | 9.0 |\n")
+    (ev / "COMPLETE").write_text("evaluation complete\n")  # an unfinished evaluation is refused (issue 30)
     assert main(["export", "--checkpoint", str(exp), "--output", str(tmp_path / "export2"), "--eval", str(ev)]) == 0
     assert "| tpm | 9.0 |" in (tmp_path / "export2" / "README.md").read_text()
 

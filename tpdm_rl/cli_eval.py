@@ -86,6 +86,10 @@ def _check_common(args: argparse.Namespace) -> None:
     if args.backbone and args.backbone.startswith("builtin:") and args.backbone not in SHIPPED_TOY_BACKBONES:
         raise _OptionError(f"--backbone {args.backbone!r} is not a shipped backbone; expected one of "
                            f"{', '.join(SHIPPED_TOY_BACKBONES)}, a local diffusers folder or a hub id")
+
+
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """A missing checkpoint: one line before torch loads (after the option values, which exit with 2)."""
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"TPM checkpoint {args.checkpoint!r} does not exist; expected a run folder, a "
                                 "checkpoint or export folder, or a tpm.safetensors file")
@@ -155,6 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _OptionError(f"--rewards {name}: {exc}") from None
     prompts = load_prompts(args.prompts, toy="shapes" in names)
+    _check_checkpoint(args)
     _check_toy_prompts_early(args, prompts[:args.limit] if args.limit else prompts)
     _check_eval_output(Path(args.output), args.overwrite)
     apply_threads(args.threads, "eval")
@@ -196,6 +201,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            "sigmas:..., adaptive:... or tpm+adaptive:...")
     if args.adaptive is not None and method.kind != "tpm":
         raise _OptionError(f"--adaptive adds skipping to --method tpm only, got --method {args.method!r}")
+    _check_checkpoint(args)
     _check_toy_prompts_early(args, [args.prompt])  # a toy backbone: its grammar is checked before anything loads
     apply_threads(args.threads, "sample")
     from tpdm_rl.rollout.pipeline import TPDMPipeline
