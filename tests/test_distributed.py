@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_overrides
+from own_ray import own_ray_head
 from safetensors.torch import load_file
 
 from tpdm_rl.utils import read_metrics
@@ -24,28 +25,12 @@ BIN = Path(sys.executable).parent
 ITERS = 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A local Ray head on 127.0.0.1 (stopped at the end of the module)."""
-    port, dash = _free_port(), _free_port()
+def ray_head():
+    """A local Ray head of this module's own on 127.0.0.1 (own ports and temp dir), ended by its process group."""
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a throw-away head on loopback, for this test module only
-    env = dict(os.environ, RAY_ADDRESS="")
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=180)
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    with own_ray_head(num_cpus=2, dashboard=True) as head:
+        yield head
 
 
 def _overrides(backbone_dir: str, **extra) -> list[str]:

@@ -9,14 +9,13 @@ or the ``tpdm-rl train`` subprocess that starts and stops its own local instance
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import small_overrides
+from own_ray import run_own_ray
 
 from tpdm_rl.builders.reward_fixtures import make_all
 from tpdm_rl.config import load_config
@@ -113,9 +112,9 @@ def test_an_infeasible_layout_is_refused_at_once_in_one_line(tiny_backbone_dir, 
     cmd = [sys.executable, "-m", "tpdm_rl.cli", "train", "--config", CONFIG, "--output", str(tmp_path / "run")]
     for o in over:
         cmd += ["--set", o]
-    env = dict(os.environ, RAY_ADDRESS="", RAY_OVERRIDE_RESOURCES=json.dumps(DECLARED), OMP_NUM_THREADS="1")
+    env = {"RAY_OVERRIDE_RESOURCES": json.dumps(DECLARED), "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    r = run_own_ray(cmd, env=env, timeout=300, cwd=Path(__file__).parent.parent)
     elapsed = time.monotonic() - t0
     errors = [line for line in r.stderr.splitlines() if line.startswith("tpdm-rl: error:")]
     assert r.returncode == 1, r.stderr[-3000:]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from own_ray import run_own_ray, short_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ RAY_DRIVER = textwrap.dedent("""
     import json, os, sys
     import ray
     runtime_env = json.loads(sys.argv[1])
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
 
     @ray.remote(num_cpus=0)
     class Probe:  # a role actor, as RolloutWorker and RewardWorker are
@@ -134,7 +135,7 @@ RAY_DRIVER = textwrap.dedent("""
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_workers_import_the_uploaded_working_dir_not_the_installed_copy(tmp_path):
+def test_ray_workers_import_the_uploaded_working_dir_not_the_installed_copy(tmp_path, request):
     """A job started with cluster/runtime_env.yaml's upload rules from a modified copy of the repository, next to
     the installed copy: the actors import tpdm_rl, tpdm_rl.rollout and tpdm_rl.rewards from the upload."""
     upload = _copy_tree(tmp_path / "upload", "upload", tpdm_init_only=False)
@@ -142,9 +143,10 @@ def test_ray_workers_import_the_uploaded_working_dir_not_the_installed_copy(tmp_
     spec = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     runtime_env = {"working_dir": str(upload), "excludes": spec["excludes"],
                    "env_vars": {k: v for k, v in spec.get("env_vars", {}).items() if k != "HF_HOME"}}
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    r = subprocess.run([sys.executable, "-c", RAY_DRIVER, json.dumps(runtime_env)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    ray_tmp = short_temp_dir()  # kept until the end of the test: the actor's unpacked upload lies inside it
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    r = run_own_ray([sys.executable, "-c", RAY_DRIVER, json.dumps(runtime_env)], cwd=tmp_path, timeout=300,
+                    temp_dir=ray_tmp)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     worker, cwd = got["worker"], Path(got["worker"]["cwd"])

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import run_cli_in_process, small_overrides
+from own_ray import end_group, own_ray_env, run_own_ray, short_temp_dir
 
 from tpdm_rl.config import load_config
 from tpdm_rl.resources import trial_bundles
@@ -145,10 +146,11 @@ def killed_and_resumed_sweep(tiny_backbone_dir, tmp_path_factory):
             "--grid", f"step_penalty.coef={','.join(PENALTIES)}", "--budget", "100"]
     for s in sets:
         args += ["--set", s]
-    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
+    temp_dir = short_temp_dir()  # the first sweep's own Ray: a new session, ended by its process group below
     log1 = out.parent / "first.log"
     with open(log1, "w") as fh:
-        proc = subprocess.Popen(_cli(*args), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(_cli(*args), stdout=fh, stderr=subprocess.STDOUT, env=own_ray_env(temp_dir),
+                                start_new_session=True)
     trials_root = out / "trials"
     first_done, deadline = None, time.time() + 900
     while time.time() < deadline and proc.poll() is None:
@@ -160,14 +162,14 @@ def killed_and_resumed_sweep(tiny_backbone_dir, tmp_path_factory):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    end_group(proc.pid)  # what is left of that sweep's own Ray, and nothing else
+    shutil.rmtree(temp_dir, ignore_errors=True)
     assert first_done is not None, log1.read_text()[-4000:]
     done_count_at_kill = len(list(trials_root.glob("*/DONE")))
     snapshot = {"name": first_done.parent.name, "done": first_done.read_text(),
                 "metrics": (first_done.parent / "metrics.jsonl").read_text()}
 
-    r = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True, env=env, timeout=1500)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    r = run_own_ray(_cli(*args, "--resume"), timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return {"out": out, "snapshot": snapshot, "stdout": r.stdout, "done_at_kill": done_count_at_kill}
 
@@ -223,9 +225,7 @@ def test_distributed_trial_runs_its_actors_inside_the_trial(tiny_backbone_dir, t
             "--grid", "step_penalty.coef=2.0"]
     for s in sets:
         args += ["--set", s]
-    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
-    r = subprocess.run(_cli(*args), capture_output=True, text=True, env=env, timeout=900)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    r = run_own_ray(_cli(*args), timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     recs = [json.loads(ln) for ln in (out / "trials" / "step_penalty.coef=2.0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["policy/version"] for m in recs] == [1, 2] and all(m["learner/ranks"] == 1 for m in recs)
