@@ -151,7 +151,7 @@ def test_tpm_adaptive_without_skips_is_the_tpm(backbone):
 def test_tpm_inference_mode_mean_and_sample(backbone):
     """policy.inference: the first ratio is the Beta mode, the Beta mean or a draw; a draw is keyed by the image's
     noise seed, so it repeats exactly and does not depend on which images share the batch."""
-    from tpdm_rl.policy import beta_mode
+    from tpdm_rl.actions import beta_mode
 
     spec = TPMSpec(in_channels=backbone.feature_channels, temb_dim=backbone.temb_dim, grid=4, hidden=16,
                    init_ratio=0.6, init_concentration=4.0)

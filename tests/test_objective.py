@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from tpdm_rl.objective import (
     RunningMeanStd,
+    StepPenalty,
     compose_reward,
     group_normalize,
     grpo_advantages,
@@ -13,7 +15,7 @@ def test_grpo_advantages_on_hand_made_groups():
     fid = torch.tensor([10.0, 12.0, 14.0, 1.0, 1.0, 4.0])
     steps = torch.tensor([4, 4, 4, 2, 5, 2])
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    adv = grpo_advantages({"fidelity": fid}, {"fidelity": 1.0}, steps, group, penalty_coef=1.0, eps=0.0)
+    adv = grpo_advantages({"fidelity": fid}, {"fidelity": 1.0}, steps, group, StepPenalty("additive", 1.0), eps=0.0)
     # group 0: R = 6, 8, 10 -> mean 8, std (unbiased) 2 -> -1, 0, 1
     # group 1: R = -1, -4, 2 -> mean -1, std 3 -> 0, -1, 1
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, -1.0, 1.0]))
@@ -41,8 +43,8 @@ def test_compose_reward_additive_and_discount():
     comps = {"x": torch.tensor([2.0, 4.0]), "y": torch.tensor([1.0, 0.0])}
     w = {"x": 0.5, "y": 2.0}
     steps = torch.tensor([10, 20])
-    torch.testing.assert_close(compose_reward(comps, w, steps, "additive", 0.1), torch.tensor([2.0, 0.0]))
-    torch.testing.assert_close(compose_reward(comps, w, steps, "discount", gamma=0.9),
+    torch.testing.assert_close(compose_reward(comps, w, steps, StepPenalty("additive", 0.1)), torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(compose_reward(comps, w, steps, StepPenalty("discount", gamma=0.9)),
                                torch.tensor([3.0 * 0.9**10, 2.0 * 0.9**20]))
 
 
@@ -81,8 +83,26 @@ def test_tpdm_penalty_mode_is_the_official_mean_discount():
     """step_penalty.mode=tpdm: R * (1 - gamma^N) / (N (1 - gamma)), the mean of gamma^0..gamma^(N-1)."""
     comps = {"x": torch.tensor([2.0, 2.0, 1.0])}
     steps = torch.tensor([1, 10, 28])
-    got = compose_reward(comps, {"x": 1.0}, steps, "tpdm", gamma=0.97)
+    got = compose_reward(comps, {"x": 1.0}, steps, StepPenalty("tpdm", gamma=0.97))
     want = torch.tensor([2.0 * sum(0.97**k for k in range(n)) / n for n in (1, 10)]
                         + [1.0 * sum(0.97**k for k in range(28)) / 28])
     torch.testing.assert_close(got, want)
     assert got[0] == 2.0 and got[1] < got[0]  # one step: no discount; more steps: less reward
+
+
+def test_the_step_penalty_object_answers_for_every_mode():
+    """One object says what each mode charges, how it reads and which rewards it accepts (the config asks it)."""
+    add, disc, tpdm = StepPenalty("additive", 0.5), StepPenalty("discount", 0.5, 0.9), StepPenalty("tpdm", 0.5, 0.9)
+    assert add.charged(torch.tensor(4.0)) == 2.0 and disc.charged(4.0) == 0.0 and tpdm.charged(4.0) == 0.0
+    assert add.formula("1 x a") == "1 x a - 0.5 x steps (mean over the iteration's trajectories)"
+    assert disc.formula("1 x a") == "(1 x a) x 0.9^steps"
+    assert tpdm.formula("1 x a") == "(1 x a) x (1 - 0.9^N) / (N (1 - 0.9)), N = steps"
+    signed, positive = [("r", "none", 1.0, False)], [("r", "none", 1.0, True)]
+    add.check(signed, per_reward_norm=True)
+    disc.check(positive, per_reward_norm=False)
+    with pytest.raises(ValueError, match="rewards MORE steps"):
+        tpdm.check(signed, per_reward_norm=False)
+    with pytest.raises(ValueError, match="per_reward_norm needs step_penalty.mode 'additive'"):
+        disc.check(positive, per_reward_norm=True)
+    with pytest.raises(ValueError, match="step penalty mode"):
+        StepPenalty("linear")

@@ -21,6 +21,7 @@ from tpdm_rl.console import warn
 from tpdm_rl.rewards.registry import RewardError, reward_info
 from tpdm_rl.rollout.methods import parse_methods
 from tpdm_rl.rollout.tables import TableError, check_table, load_family
+from tpdm_rl.step_penalty import StepPenalty
 
 #: the most training iterations a run may ask for (1,000,000 iterations of the smallest run is weeks of compute;
 #: a larger number is a typo, e.g. an extra digit group)
@@ -349,16 +350,9 @@ class Config(_Strict):
                                      + (hint or f"; expected one of {sorted(info.options | {'weight', 'normalize'})}"))
         if self.rollout.sigma_min >= self.rollout.sigma_max:
             raise ValueError("rollout.sigma_min must be below rollout.sigma_max")
-        if self.step_penalty.mode in ("discount", "tpdm"):
-            for name, spec in self.rewards.items():
-                if spec.normalize != "none" or spec.weight < 0 or not reward_info(name).nonnegative:
-                    raise ValueError(
-                        f"step_penalty.mode {self.step_penalty.mode!r} multiplies the reward by a factor that falls "
-                        "with the steps, which rewards MORE steps "
-                        f"when the reward is negative; reward {name!r} (normalize={spec.normalize}, weight={spec.weight}) "
-                        "can be negative: use mode 'additive'")
-            if self.algorithm.per_reward_norm:
-                raise ValueError("algorithm.per_reward_norm needs step_penalty.mode 'additive'")
+        StepPenalty.from_config(self.step_penalty).check(
+            ((name, spec.normalize, spec.weight, reward_info(name).nonnegative) for name, spec in self.rewards.items()),
+            self.algorithm.per_reward_norm)
         return self
 
     def reward_options(self, name: str) -> dict[str, Any]:

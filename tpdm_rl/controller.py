@@ -32,7 +32,7 @@ from .executors.local import LocalExecutor
 from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
 from .messages import RolloutTask
 from .metrics import MetricsLogger
-from .objective import compose_reward, grpo_advantages
+from .objective import StepPenalty, compose_reward, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler, load_prompts
 from .runfolder import RunFolder
@@ -88,12 +88,12 @@ def score_iteration(cfg: Config, rewards: RewardSet, raw: dict[str, torch.Tensor
         metrics["health/nonfinite_reward"] = bad
         return metrics, None
     normed = rewards.normalize(raw, group)
-    sp, alg = cfg.step_penalty, cfg.algorithm
-    total = compose_reward(normed, rewards.weights, steps, sp.mode, sp.coef, sp.gamma)
+    penalty, alg = StepPenalty.from_config(cfg.step_penalty), cfg.algorithm
+    total = compose_reward(normed, rewards.weights, steps, penalty)
     metrics["reward/total"] = float(total.mean())
-    metrics["reward/step_penalty"] = float(sp.coef * steps.float().mean()) if sp.mode == "additive" else 0.0
-    adv = grpo_advantages(normed, rewards.weights, steps, group, sp.mode, sp.coef, sp.gamma, alg.adv_std,
-                          alg.per_reward_norm, alg.adv_eps)
+    metrics["reward/step_penalty"] = penalty.charged(steps.float().mean())
+    adv = grpo_advantages(normed, rewards.weights, steps, group, penalty, alg.adv_std, alg.per_reward_norm,
+                          alg.adv_eps)
     return metrics, adv
 
 

@@ -1,9 +1,7 @@
 """Step-penalised GRPO with a PPO-clipped per-step objective.
 
-Reward of a trajectory: R = sum_c w_c * norm_c(r_c) - lambda * steps (additive penalty, the default),
-or, only when every component is non-negative, R = gamma**steps * sum_c w_c * r_c (``discount``) or
-R * (1 - gamma^N) / (N (1 - gamma)) (``tpdm``, the official code's formula): with negative rewards a
-factor that falls with the steps would *reward* more steps, so the config refuses that combination.
+Reward of a trajectory: R = sum_c w_c * norm_c(r_c), then the step penalty (``tpdm_rl/step_penalty.py``:
+- lambda * steps by default; the multiplying modes only when every component is non-negative).
 Advantage of a trajectory: (R - mean of its group) / (std + eps); every step of the trajectory gets
 its advantage, and the PPO-clip loss is averaged over the valid steps of a minibatch.
 """
@@ -13,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .step_penalty import StepPenalty
+
+__all__ = ["NO_PENALTY", "PPOStats", "RunningMeanStd", "StepPenalty", "compose_reward", "group_normalize",
+           "grpo_advantages", "ppo_clip_loss"]
+
+NO_PENALTY = StepPenalty("additive", 0.0)
 
 
 @dataclass
@@ -72,36 +77,18 @@ def group_normalize(x: torch.Tensor, group: torch.Tensor, std: str = "group", ep
 
 
 def compose_reward(components: dict[str, torch.Tensor], weights: dict[str, float], steps: torch.Tensor,
-                   penalty_mode: str = "additive", penalty_coef: float = 0.0, gamma: float = 0.97
-                   ) -> torch.Tensor:
+                   penalty: StepPenalty = NO_PENALTY) -> torch.Tensor:
     """Weighted sum of (already normalised) reward components with the step penalty."""
     steps = steps.double()
     total = torch.zeros_like(steps)
     for name, value in components.items():
         total = total + float(weights[name]) * value.double()
-    if penalty_mode == "additive":
-        total = total - float(penalty_coef) * steps
-    elif penalty_mode == "discount":
-        total = total * float(gamma) ** steps
-    elif penalty_mode == "tpdm":  # the official TPDM code's mean discount over the N steps
-        total = total * tpdm_discount(steps, gamma)
-    else:
-        raise ValueError(f"step penalty mode must be 'additive', 'discount' or 'tpdm', got {penalty_mode!r}")
-    return total.float()
-
-
-def tpdm_discount(steps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(1 - gamma^N) / (N (1 - gamma)): the mean of gamma^0..gamma^(N-1), as in the official TPDM code (1 at gamma 1)."""
-    n = steps.double().clamp_min(1.0)
-    if gamma >= 1.0:
-        return torch.ones_like(n)
-    return (1.0 - float(gamma) ** n) / (n * (1.0 - float(gamma)))
+    return penalty.apply(total, steps).float()
 
 
 def grpo_advantages(components: dict[str, torch.Tensor], weights: dict[str, float], steps: torch.Tensor,
-                    group: torch.Tensor, penalty_mode: str = "additive", penalty_coef: float = 0.0,
-                    gamma: float = 0.97, std: str = "group", per_reward_norm: bool = False,
-                    eps: float = 1e-6) -> torch.Tensor:
+                    group: torch.Tensor, penalty: StepPenalty = NO_PENALTY, std: str = "group",
+                    per_reward_norm: bool = False, eps: float = 1e-6) -> torch.Tensor:
     """Per-trajectory advantages.
 
     Default: normalise the composed reward within each group. With ``per_reward_norm`` each
@@ -110,14 +97,13 @@ def grpo_advantages(components: dict[str, torch.Tensor], weights: dict[str, floa
     normalised again.
     """
     if per_reward_norm:
-        if penalty_mode != "additive":
-            raise ValueError("per_reward_norm needs the additive step penalty")
+        step_weight = penalty.step_weight()
         parts = {k: group_normalize(v, group, std, eps) for k, v in components.items()}
         total = compose_reward(parts, weights, torch.zeros_like(steps))
-        if penalty_coef:
-            total = total - float(penalty_coef) * group_normalize(steps.float(), group, std, eps)
+        if step_weight:
+            total = total + step_weight * group_normalize(steps.float(), group, std, eps)
         return group_normalize(total, group, std, eps)
-    total = compose_reward(components, weights, steps, penalty_mode, penalty_coef, gamma)
+    total = compose_reward(components, weights, steps, penalty)
     return group_normalize(total, group, std, eps)
 
 

@@ -30,7 +30,7 @@ from .config import Config
 from .controller import plan_iteration, step_metrics
 from .learner import Learner
 from .messages import LearnBatch
-from .objective import grpo_advantages
+from .objective import StepPenalty, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler
 
@@ -180,15 +180,15 @@ def train_sanity(world: SanityWorld, cfg: Config, record: bool = False) -> Sanit
     prompts = world.prompts("train")
     sampler = PromptSampler(prompts, cfg.seed)
     history = []
-    alg, sp = cfg.algorithm, cfg.step_penalty
+    alg, penalty = cfg.algorithm, StepPenalty.from_config(cfg.step_penalty)
     for it in range(cfg.train.iterations):
         plan = plan_iteration(cfg, sampler, prompts, it)
         tr = engine.run(plan.prompts, plan.noise_seeds, plan.sample_keys,
                         TPMSchedule(policy, cfg.rollout.sigma_min, mode="sample"), decode=False)
         cls = SanityWorld.class_of(plan.prompts)
         quality = world.table()[cls, tr.steps.clamp(1, 64) - 1].float()
-        adv = grpo_advantages({"quality": quality}, {"quality": 1.0}, tr.steps, plan.group, sp.mode, sp.coef,
-                              sp.gamma, alg.adv_std, alg.per_reward_norm, alg.adv_eps)
+        adv = grpo_advantages({"quality": quality}, {"quality": 1.0}, tr.steps, plan.group, penalty, alg.adv_std,
+                              alg.per_reward_norm, alg.adv_eps)
         rows = tr.step_rows()
         learner.update(LearnBatch.from_rows([(rows, 0, len(rows.traj), adv)]), it)
         policy.load_state_dict(learner.weights())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import Config
 from .metrics import metric_unit
+from .step_penalty import StepPenalty
 from .utils import FINAL_WINDOW, final_window, read_metrics
 
 
@@ -46,13 +47,7 @@ def total_formula(cfg: Config) -> str:
     for name, spec in cfg.rewards.items():
         norm = "" if spec.normalize == "none" else f" ({spec.normalize}-normalised)"
         parts.append(f"{spec.weight:g} x {name}{norm}")
-    body = " + ".join(parts)
-    sp = cfg.step_penalty
-    if sp.mode == "additive":
-        return f"{body} - {sp.coef:g} x steps (mean over the iteration's trajectories)"
-    if sp.mode == "discount":
-        return f"({body}) x {sp.gamma:g}^steps"
-    return f"({body}) x (1 - {sp.gamma:g}^N) / (N (1 - {sp.gamma:g})), N = steps"
+    return StepPenalty.from_config(cfg.step_penalty).formula(" + ".join(parts))
 
 
 def write_summary(output: Path, cfg: Config | None = None) -> str:
