@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-from tpdm_rl.prompts import load_prompts
 from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.rng import keyed_normal_noise
 from tpdm_rl.rollout.toy import toy_backbone_path
+
+from tpdm_rl.prompts import load_prompts
 from tpdm_rl.toyworld import ambiguity
 
 ROOT = Path(__file__).resolve().parent.parent
