@@ -110,6 +110,36 @@ class Backbone:
         if feature_source not in FEATURE_SOURCES:
             raise BackboneError(f"feature source {feature_source!r} is not one of {FEATURE_SOURCES}")
         self.dtype = DTYPES[dtype]
+        pipe = self._load_pipeline(family, local_files_only)
+        self.pipe = pipe.to(self.device)
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.guidance_scale = float(guidance_scale)
+        self.max_sequence_length = int(max_sequence_length)
+        self.negative_prompt = negative_prompt
+        fam = self.family
+        self.uses_cfg = fam.uses_cfg(self.guidance_scale)
+        self.latent_channels = fam.latent_channels(self.transformer)
+        self.patch_size = fam.patch_size(self.transformer)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.blocks = fam.blocks(self.transformer)
+        self.feature_source = feature_source
+        blocks = self._block_indices(feature_blocks)  # checked with either source, as before
+        self.feature_blocks = blocks if feature_source == "blocks" else ()
+        self.feature_grid = int(feature_grid)
+        self.hidden_size = fam.hidden_size(self.transformer)
+        self.feature_channels = self.hidden_size * (len(self.feature_blocks) if feature_source == "blocks" else 2)
+        self.temb_dim = self.hidden_size
+        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU, backbone dtype
+        self._text_device = self.device
+        self._captured: dict[str, torch.Tensor] = {}
+        self._capture = False
+        self._hooks = self._install_hooks()
+        self._forward = torch.compile(self.transformer) if compile else self.transformer
+
+    def _load_pipeline(self, family: str, local_files_only: bool | None):
+        """The diffusers pipeline of ``self.path`` (a local folder, checked first, or a hub id), frozen and in eval
+        mode; sets ``self.family``."""
         is_local = Path(self.path).exists()
         if not is_local and (os.environ.get("HF_HUB_OFFLINE") == "1" or local_files_only):
             raise BackboneError(
@@ -136,47 +166,34 @@ class Backbone:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
-        self.pipe = pipe.to(self.device)
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.guidance_scale = float(guidance_scale)
-        self.max_sequence_length = int(max_sequence_length)
-        self.negative_prompt = negative_prompt
-        fam = self.family
-        self.uses_cfg = fam.uses_cfg(self.guidance_scale)
-        self.latent_channels = fam.latent_channels(self.transformer)
-        self.patch_size = fam.patch_size(self.transformer)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.blocks = fam.blocks(self.transformer)
+        return pipe
+
+    def _block_indices(self, feature_blocks: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """``backbone.feature_blocks`` as indices into the transformer's blocks (negative: from the end)."""
         n_blocks = len(self.blocks)
         blocks = []
         for b in feature_blocks:
             if not -n_blocks <= b < n_blocks:
                 raise BackboneError(f"feature block {b} out of range for a transformer with {n_blocks} blocks")
             blocks.append(b % n_blocks)
-        self.feature_source = feature_source
-        self.feature_blocks = tuple(blocks) if feature_source == "blocks" else ()
-        self.feature_grid = int(feature_grid)
-        self.hidden_size = fam.hidden_size(self.transformer)
-        self.feature_channels = self.hidden_size * (len(self.feature_blocks) if feature_source == "blocks" else 2)
-        self.temb_dim = self.hidden_size
-        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU, backbone dtype
-        self._text_device = self.device
-        self._captured: dict[str, torch.Tensor] = {}
-        self._capture = False
-        self._hooks = []
-        if feature_source == "blocks":
+        return tuple(blocks)
+
+    def _install_hooks(self) -> list:
+        """Forward hooks that capture the TPM's inputs during :meth:`step` (the feature blocks' image tokens, or
+        the paper's ``pos_embed``/``norm_out`` outputs) and ``temb``."""
+        hooks = []
+        if self.feature_source == "blocks":
             for b in self.feature_blocks:
-                self._hooks.append(self.blocks[b].register_forward_hook(
+                hooks.append(self.blocks[b].register_forward_hook(
                     self._capture_hook(f"block{b}", tuple_index=1), with_kwargs=True))
         else:
-            self._hooks.append(fam.input_tokens(self.transformer).register_forward_hook(
+            hooks.append(self.family.input_tokens(self.transformer).register_forward_hook(
                 self._capture_hook("pos_embed"), with_kwargs=True))
-            self._hooks.append(self.transformer.norm_out.register_forward_hook(self._capture_hook("norm_out"),
-                                                                               with_kwargs=True))
-        self._hooks.append(self.transformer.time_text_embed.register_forward_hook(self._capture_hook("temb"),
-                                                                                  with_kwargs=True))
-        self._forward = torch.compile(self.transformer) if compile else self.transformer
+            hooks.append(self.transformer.norm_out.register_forward_hook(self._capture_hook("norm_out"),
+                                                                         with_kwargs=True))
+        hooks.append(self.transformer.time_text_embed.register_forward_hook(self._capture_hook("temb"),
+                                                                            with_kwargs=True))
+        return hooks
 
     # ---------------------------------------------------------------- hooks
     def _capture_hook(self, name: str, tuple_index: int | None = None):

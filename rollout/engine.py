@@ -33,6 +33,37 @@ class ReferenceRequest:
     num_steps: int
 
 
+@dataclass
+class _Run:
+    """The state of one :meth:`SamplingEngine.run`: per-trajectory settings (the policy's trajectories, then the
+    references'), the slots and what has been produced so far."""
+
+    n: int  # policy trajectories
+    m: int  # reference trajectories
+    total: int
+    max_steps: int
+    record_feats: bool
+    sample_keys: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    seeds: list[int]
+    initial_latents: torch.Tensor | None
+    ref_sched: FixedSchedule | None
+    is_ref: torch.Tensor
+    budget: torch.Tensor
+    start: torch.Tensor
+    floor: torch.Tensor
+    slots: int
+    slot_traj: torch.Tensor  # the trajectory in each slot, -1 when free
+    lat: torch.Tensor
+    sig: torch.Tensor
+    stp: torch.Tensor
+    final: torch.Tensor
+    steps_out: torch.Tensor
+    rows: dict[str, list[torch.Tensor]]
+    queue: int = 0  # trajectories handed to a slot so far
+
+
 class SamplingEngine:
     """Runs many trajectories through the backbone with a fixed number of batch slots."""
 
@@ -68,107 +99,124 @@ class SamplingEngine:
         if len(noise_seeds) != n or sample_keys.numel() != n:
             raise ValueError(f"need one noise seed and sample key per prompt: {n}, {len(noise_seeds)}, "
                              f"{sample_keys.numel()}")
-        max_steps = int(max_steps or self.max_steps)
-        ref = references or ReferenceRequest([], [], 1)
-        m = len(ref.prompts)
-        total = n + m
-        dev = self.backbone.device
-        bb = self.backbone
-        record_feats = self.record_features and schedule.uses_features
-        sample_keys = sample_keys.to(torch.int64).cpu()
-        embeds, pooled = bb.encode_prompts(list(prompts) + list(ref.prompts))  # cached per distinct prompt
-        seeds = list(noise_seeds) + list(ref.noise_seeds)
-        ref_sched = FixedSchedule(bb.default_sigmas(ref.num_steps, self.latent_shape[1:])) if m else None
-        # per-trajectory settings: the policy's first, then the references'
-        is_ref = torch.arange(total) >= n
-        budget = torch.where(is_ref, ref.num_steps, max_steps)
-        start = torch.where(is_ref, float(ref_sched.sigmas[0]) if m else 0.0, self.sigma_max)
-        floor = torch.where(is_ref, ref_sched.sigma_min if m else 0.0, schedule.sigma_min).float()
-
-        s = min(self.batch_size, max(total, 1))
-        slot_traj = torch.full((s,), -1, dtype=torch.int64)
-        lat = torch.zeros((s, *self.latent_shape), device=dev, dtype=torch.float32)
-        sig = torch.zeros(s, dtype=torch.float32)
-        stp = torch.zeros(s, dtype=torch.int64)
-        final = torch.zeros((total, *self.latent_shape), dtype=torch.float32)
-        steps_out = torch.zeros(total, dtype=torch.int64)
-        rows: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                               ("traj", "step", "sigma", "sigma_next", "action", "logp", "valid",
-                                                "features", "temb")}
-        queue = 0
+        run = self._start(prompts, noise_seeds, sample_keys, schedule, int(max_steps or self.max_steps),
+                          initial_latents, references or ReferenceRequest([], [], 1))
         while True:
-            free = torch.nonzero(slot_traj < 0).reshape(-1)
-            if queue < total and free.numel() and (self.continuous or free.numel() == s):
-                k = min(int(free.numel()), total - queue)
-                idx, new = free[:k], torch.arange(queue, queue + k)
-                queue += k
-                slot_traj[idx] = new
-                if initial_latents is not None:
-                    lat[idx.to(dev)] = initial_latents[new].to(dev, torch.float32)
-                else:
-                    lat[idx.to(dev)] = self.initial_noise([seeds[i] for i in new.tolist()])
-                sig[idx] = start[new]
-                stp[idx] = 0
-            act = torch.nonzero(slot_traj >= 0).reshape(-1)
+            self._fill_free_slots(run)
+            act = torch.nonzero(run.slot_traj >= 0).reshape(-1)
             if act.numel() == 0:
                 break
-            traj = slot_traj[act]
-            pol = ~is_ref[traj]
-            out = bb.step(lat[act.to(dev)], sig[act], embeds[traj.to(dev)], pooled[traj.to(dev)],
-                          need_features=schedule.uses_features and bool(pol.any()))
-            self.stats["backbone_calls"] += 1
-            self.stats["slot_steps"] += int(act.numel())
-            sigma_now = sig[act]
-            proposal = torch.zeros_like(sigma_now)
-            if pol.any():
-                pi = torch.nonzero(pol).reshape(-1)
-                feats = out.features[pi.to(out.features.device)].to(self.feature_dtype) if schedule.uses_features \
-                    else out.features
-                temb = out.temb[pi.to(out.temb.device)].to(self.feature_dtype) if schedule.uses_features \
-                    else out.temb
-                prop = schedule.propose(feats, temb, sigma_now[pi], stp[act][pi], sample_keys[traj[pi]])
-                proposal[pi] = prop.sigma_next.float().cpu()
-            if not pol.all():
-                ri = torch.nonzero(~pol).reshape(-1)
-                proposal[ri] = ref_sched.propose(None, None, sigma_now[ri], stp[act][ri], None).sigma_next.float()
-            at_budget = stp[act] + 1 >= budget[traj]
-            done, _, target = terminal(proposal, floor[traj], at_budget)
-            new_lat = euler_step(lat[act.to(dev)], out.velocity, sigma_now, target)
-            if pol.any():
-                rows["traj"].append(traj[pi])
-                rows["step"].append(stp[act][pi])
-                rows["sigma"].append(sigma_now[pi])
-                rows["sigma_next"].append(target[pi])
-                rows["action"].append(prop.action.float().cpu())
-                rows["logp"].append(prop.logp.float().cpu())
-                # a step forced by the budget is masked whatever its action was: keeping it only when the sampled
-                # ratio happened to fall below sigma_min would select samples by their own action (a biased term)
-                rows["valid"].append(~at_budget[pi])
-                if record_feats:
-                    rows["features"].append(feats.cpu())
-                    rows["temb"].append(temb.cpu())
-            lat[act.to(dev)] = new_lat
-            sig[act] = target
-            stp[act] += 1
-            fin = act[done]
-            if fin.numel():
-                ft = slot_traj[fin]
-                final[ft] = lat[fin.to(dev)].float().cpu()
-                steps_out[ft] = stp[fin]
-                slot_traj[fin] = -1
+            self._advance(run, act, schedule)
+        return self._collect(run, list(prompts), decode, policy_version)
 
-        cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in rows.items()}
-        order = torch.argsort(cat["traj"] * (max_steps + 1) + cat["step"]) if cat["traj"].numel() else cat["traj"]
+    def _start(self, prompts: list[str], noise_seeds: list[int], sample_keys: torch.Tensor, schedule: Schedule,
+               max_steps: int, initial_latents: torch.Tensor | None, ref: ReferenceRequest) -> _Run:
+        """The run's per-trajectory settings (the policy's trajectories first, then the references') and its
+        empty slots."""
+        n, m = len(prompts), len(ref.prompts)
+        total = n + m
+        bb = self.backbone
+        embeds, pooled = bb.encode_prompts(list(prompts) + list(ref.prompts))  # cached per distinct prompt
+        ref_sched = FixedSchedule(bb.default_sigmas(ref.num_steps, self.latent_shape[1:])) if m else None
+        is_ref = torch.arange(total) >= n
+        s = min(self.batch_size, max(total, 1))
+        return _Run(
+            n=n, m=m, total=total, max_steps=max_steps, record_feats=self.record_features and schedule.uses_features,
+            sample_keys=sample_keys.to(torch.int64).cpu(), embeds=embeds, pooled=pooled,
+            seeds=list(noise_seeds) + list(ref.noise_seeds), initial_latents=initial_latents, ref_sched=ref_sched,
+            is_ref=is_ref, budget=torch.where(is_ref, ref.num_steps, max_steps),
+            start=torch.where(is_ref, float(ref_sched.sigmas[0]) if m else 0.0, self.sigma_max),
+            floor=torch.where(is_ref, ref_sched.sigma_min if m else 0.0, schedule.sigma_min).float(),
+            slots=s, slot_traj=torch.full((s,), -1, dtype=torch.int64),
+            lat=torch.zeros((s, *self.latent_shape), device=bb.device, dtype=torch.float32),
+            sig=torch.zeros(s, dtype=torch.float32), stp=torch.zeros(s, dtype=torch.int64),
+            final=torch.zeros((total, *self.latent_shape), dtype=torch.float32),
+            steps_out=torch.zeros(total, dtype=torch.int64),
+            rows={k: [] for k in ("traj", "step", "sigma", "sigma_next", "action", "logp", "valid", "features",
+                                  "temb")})
+
+    def _fill_free_slots(self, run: _Run) -> None:
+        """Queued trajectories join the free slots (with continuous batching at once, else when all are free)."""
+        free = torch.nonzero(run.slot_traj < 0).reshape(-1)
+        if not (run.queue < run.total and free.numel() and (self.continuous or free.numel() == run.slots)):
+            return
+        dev = self.backbone.device
+        k = min(int(free.numel()), run.total - run.queue)
+        idx, new = free[:k], torch.arange(run.queue, run.queue + k)
+        run.queue += k
+        run.slot_traj[idx] = new
+        if run.initial_latents is not None:
+            run.lat[idx.to(dev)] = run.initial_latents[new].to(dev, torch.float32)
+        else:
+            run.lat[idx.to(dev)] = self.initial_noise([run.seeds[i] for i in new.tolist()])
+        run.sig[idx] = run.start[new]
+        run.stp[idx] = 0
+
+    def _advance(self, run: _Run, act: torch.Tensor, schedule: Schedule) -> None:
+        """One backbone call for the active slots ``act``: propose, step, record the policy's rows, retire the
+        finished trajectories."""
+        dev, bb = self.backbone.device, self.backbone
+        traj = run.slot_traj[act]
+        pol = ~run.is_ref[traj]
+        out = bb.step(run.lat[act.to(dev)], run.sig[act], run.embeds[traj.to(dev)], run.pooled[traj.to(dev)],
+                      need_features=schedule.uses_features and bool(pol.any()))
+        self.stats["backbone_calls"] += 1
+        self.stats["slot_steps"] += int(act.numel())
+        sigma_now = run.sig[act]
+        proposal = torch.zeros_like(sigma_now)
+        if pol.any():
+            pi = torch.nonzero(pol).reshape(-1)
+            feats = out.features[pi.to(out.features.device)].to(self.feature_dtype) if schedule.uses_features \
+                else out.features
+            temb = out.temb[pi.to(out.temb.device)].to(self.feature_dtype) if schedule.uses_features \
+                else out.temb
+            prop = schedule.propose(feats, temb, sigma_now[pi], run.stp[act][pi], run.sample_keys[traj[pi]])
+            proposal[pi] = prop.sigma_next.float().cpu()
+        if not pol.all():
+            ri = torch.nonzero(~pol).reshape(-1)
+            proposal[ri] = run.ref_sched.propose(None, None, sigma_now[ri], run.stp[act][ri], None).sigma_next.float()
+        at_budget = run.stp[act] + 1 >= run.budget[traj]
+        done, _, target = terminal(proposal, run.floor[traj], at_budget)
+        new_lat = euler_step(run.lat[act.to(dev)], out.velocity, sigma_now, target)
+        if pol.any():
+            rows = run.rows
+            rows["traj"].append(traj[pi])
+            rows["step"].append(run.stp[act][pi])
+            rows["sigma"].append(sigma_now[pi])
+            rows["sigma_next"].append(target[pi])
+            rows["action"].append(prop.action.float().cpu())
+            rows["logp"].append(prop.logp.float().cpu())
+            # a step forced by the budget is masked whatever its action was: keeping it only when the sampled
+            # ratio happened to fall below sigma_min would select samples by their own action (a biased term)
+            rows["valid"].append(~at_budget[pi])
+            if run.record_feats:
+                rows["features"].append(feats.cpu())
+                rows["temb"].append(temb.cpu())
+        run.lat[act.to(dev)] = new_lat
+        run.sig[act] = target
+        run.stp[act] += 1
+        fin = act[done]
+        if fin.numel():
+            ft = run.slot_traj[fin]
+            run.final[ft] = run.lat[fin.to(dev)].float().cpu()
+            run.steps_out[ft] = run.stp[fin]
+            run.slot_traj[fin] = -1
+
+    def _collect(self, run: _Run, prompts: list[str], decode: bool, policy_version: int) -> Trajectories:
+        """The learner rows sorted by (trajectory, step), the final latents and the decoded images."""
+        n, m = run.n, run.m
+        cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in run.rows.items()}
+        order = torch.argsort(cat["traj"] * (run.max_steps + 1) + cat["step"]) if cat["traj"].numel() else cat["traj"]
         per_row = {k: (v[order] if v.numel() else v) for k, v in cat.items()}
-        if not record_feats:
+        if not run.record_feats:
             per_row["features"] = torch.empty(0)
             per_row["temb"] = torch.empty(0)
-        images = bb.decode(final, self.decode_batch_size) if decode else torch.empty(0)
+        images = self.backbone.decode(run.final, self.decode_batch_size) if decode else torch.empty(0)
         return Trajectories(
             traj=per_row["traj"].to(torch.int64), step=per_row["step"].to(torch.int64), sigma=per_row["sigma"],
             sigma_next=per_row["sigma_next"], action=per_row["action"], logp=per_row["logp"],
             valid=per_row["valid"].to(torch.bool), features=per_row["features"], temb=per_row["temb"],
-            steps=steps_out[:n], latents=final[:n], images=images[:n] if decode else images, prompts=list(prompts),
+            steps=run.steps_out[:n], latents=run.final[:n], images=images[:n] if decode else images, prompts=prompts,
             policy_version=policy_version, reference_images=images[n:] if decode and m else torch.empty(0),
         )
 

@@ -166,38 +166,39 @@ def _words(text: str) -> list[str]:
     return out
 
 
-def parse_prompt(text: str) -> Prompt:
-    """Parse a prompt of the toy grammar, word by word, so a malformed prompt gets a one-line
-    :class:`PromptError` that names the offending word and what the grammar expected there."""
-    if not isinstance(text, str):
-        raise PromptError(f"prompt {text!r} is not in the toy grammar: it is not a string")
-    words = _words(text)
-    pos = 0
-    number = [0] * (len(words) + 1)  # 1-based word number of each token (a comma shares its word's number)
-    k = 0
-    for i, w in enumerate(words):
-        k += w != ","
-        number[i] = k if w != "," else max(k, 1)
-    number[len(words)] = k
+class _PromptReader:
+    """Reads a prompt of the toy grammar word by word; every error names the offending word and what the grammar
+    expected there."""
 
-    def bad(why: str) -> PromptError:
-        return PromptError(f"prompt {text!r} is not in the toy grammar: {why}")
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.words = _words(text)
+        self.pos = 0
+        self.number = [0] * (len(self.words) + 1)  # 1-based word number of each token (a comma shares its word's)
+        k = 0
+        for i, w in enumerate(self.words):
+            k += w != ","
+            self.number[i] = k if w != "," else max(k, 1)
+        self.number[len(self.words)] = k
 
-    def expect(options, what: str) -> str:
-        nonlocal pos
-        if pos >= len(words):
-            raise bad(f"it ends after word {number[-1]}; expected {what}")
-        w = words[pos]
+    def bad(self, why: str) -> PromptError:
+        return PromptError(f"prompt {self.text!r} is not in the toy grammar: {why}")
+
+    def expect(self, options, what: str) -> str:
+        if self.pos >= len(self.words):
+            raise self.bad(f"it ends after word {self.number[-1]}; expected {what}")
+        w = self.words[self.pos]
         if w not in options:
             shown = "empty word (two spaces in a row, or a trailing space)" if w == "" else f"word {w!r}"
-            raise bad(f"unexpected {shown} at word {number[pos]}; expected {what}")
-        pos += 1
+            raise self.bad(f"unexpected {shown} at word {self.number[self.pos]}; expected {what}")
+        self.pos += 1
         return w
 
-    def peek() -> str | None:
-        return words[pos] if pos < len(words) else None
+    def peek(self) -> str | None:
+        return self.words[self.pos] if self.pos < len(self.words) else None
 
-    def group() -> Group:
+    def group(self) -> Group:
+        expect = self.expect
         count = COUNTS[expect(COUNTS, "a count (a, two, three, four)")]
         colour = expect(COLOURS, "a colour (" + ", ".join(COLOURS) + ")")
         if count == 1:
@@ -205,7 +206,7 @@ def parse_prompt(text: str) -> Prompt:
         else:
             shape = _PLURALS[expect(_PLURALS, "a plural shape (" + ", ".join(_PLURALS) + ")")]
         place = None
-        if count == 1 and peek() == "in":
+        if count == 1 and self.peek() == "in":
             expect(("in",), "'in'")
             expect(("the",), "'the'")
             row = expect(("top", "bottom"), "'top' or 'bottom'")
@@ -213,46 +214,63 @@ def parse_prompt(text: str) -> Prompt:
             place = f"{row} {col}"
         return Group(count, colour, shape, place)
 
-    after = "',', 'and' or 'on'"
-    after_single = "',', 'and', 'on' or a place ('in the top left', ...)"
-    groups = [group()]
-    listed = False  # inside "A, B, ... and Z": the list must close with 'and'
-    while True:
-        can_place = groups[-1].count == 1 and groups[-1].place is None
-        if listed:
-            sep = expect((",", "and"), "',' or 'and' (a list of groups ends with 'and')")
-        else:
-            plural_in = peek() == "in" and groups[-1].count > 1
-            sep = expect((",", "and", "on"), after_single if can_place else after
-                         + (" (only a group of one may carry a place)" if plural_in else ""))
-        if sep == "on":
-            break
-        if sep == ",":
-            listed = True
-            groups.append(group())
-            continue
-        groups.append(group())  # after 'and': the last group
-        expect(("on",), "'on' (after the last group: ' on a <black|white|gray> background')")
-        break
-    expect(("a",), "'a' (' on a <black|white|gray> background')")
-    bg = expect(BACKGROUNDS, "a background (" + ", ".join(BACKGROUNDS) + ")")
-    expect(("background",), "'background'")
-    if pos < len(words):
-        raise bad(f"unexpected word {words[pos]!r} at word {number[pos]}; expected the end after 'background'")
+    def groups(self) -> list[Group]:
+        """The groups up to and including the 'on' before the background."""
+        after = "',', 'and' or 'on'"
+        after_single = "',', 'and', 'on' or a place ('in the top left', ...)"
+        groups = [self.group()]
+        listed = False  # inside "A, B, ... and Z": the list must close with 'and'
+        while True:
+            can_place = groups[-1].count == 1 and groups[-1].place is None
+            if listed:
+                sep = self.expect((",", "and"), "',' or 'and' (a list of groups ends with 'and')")
+            else:
+                plural_in = self.peek() == "in" and groups[-1].count > 1
+                sep = self.expect((",", "and", "on"), after_single if can_place else after
+                                  + (" (only a group of one may carry a place)" if plural_in else ""))
+            if sep == "on":
+                return groups
+            if sep == ",":
+                listed = True
+                groups.append(self.group())
+                continue
+            groups.append(self.group())  # after 'and': the last group
+            self.expect(("on",), "'on' (after the last group: ' on a <black|white|gray> background')")
+            return groups
+
+    def background(self) -> str:
+        """' a <colour> background' and the end of the prompt."""
+        self.expect(("a",), "'a' (' on a <black|white|gray> background')")
+        bg = self.expect(BACKGROUNDS, "a background (" + ", ".join(BACKGROUNDS) + ")")
+        self.expect(("background",), "'background'")
+        if self.pos < len(self.words):
+            raise self.bad(f"unexpected word {self.words[self.pos]!r} at word {self.number[self.pos]}; expected the "
+                           "end after 'background'")
+        return bg
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Parse a prompt of the toy grammar, word by word, so a malformed prompt gets a one-line
+    :class:`PromptError` that names the offending word and what the grammar expected there."""
+    if not isinstance(text, str):
+        raise PromptError(f"prompt {text!r} is not in the toy grammar: it is not a string")
+    reader = _PromptReader(text)
+    groups = reader.groups()
+    bg = reader.background()
     pairs = [(g.colour, g.shape) for g in groups]
     for i, pair in enumerate(pairs):
         if pair in pairs[:i]:
-            raise bad(f"two groups share the colour and shape '{pair[0]} {pair[1]}'")
+            raise reader.bad(f"two groups share the colour and shape '{pair[0]} {pair[1]}'")
     places = [g.place for g in groups if g.place]
     for i, place in enumerate(places):
         if place in places[:i]:
-            raise bad(f"two objects are placed in the {place}")
+            raise reader.bad(f"two objects are placed in the {place}")
     if sum(g.count for g in groups) > MAX_OBJECTS:
-        raise bad(f"it names {sum(g.count for g in groups)} objects; at most {MAX_OBJECTS}")
+        raise reader.bad(f"it names {sum(g.count for g in groups)} objects; at most {MAX_OBJECTS}")
     prompt = Prompt(tuple(groups), bg)
     if prompt.text != text:
-        raise bad("spacing or punctuation differs from the grammar (e.g. 'a red circle, a blue square and "
-                  "a yellow triangle on a white background')")
+        raise reader.bad("spacing or punctuation differs from the grammar (e.g. 'a red circle, a blue square and "
+                         "a yellow triangle on a white background')")
     return prompt
 
 
