@@ -203,11 +203,6 @@ class Backbone:
 
         return hook
 
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
     # ---------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,9 +252,6 @@ class Backbone:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
-
-    def cached_prompt_count(self) -> int:
-        return len(self._embed_cache)
 
     def fingerprint(self) -> str:
         """A short hash of the transformer's weights (a sample of every tensor): two backbones with the same

@@ -7,7 +7,7 @@ valid steps anyway, and a row costs only the pooled features (kilobytes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,26 +78,3 @@ class Trajectories:
             prompts=[self.prompts[i] for i in idx.tolist()] if self.prompts else [],
             policy_version=self.policy_version,
         )
-
-    @staticmethod
-    def concat(parts: list[Trajectories]) -> Trajectories:
-        """Concatenate rollouts (trajectory indices are offset so they stay unique)."""
-        if len(parts) == 1:
-            return parts[0]
-        offs, o = [], 0
-        for p in parts:
-            offs.append(o)
-            o += p.num_trajectories
-        kw = {}
-        for f in fields(Trajectories):
-            if f.name == "traj":
-                kw["traj"] = torch.cat([p.traj + off for p, off in zip(parts, offs)])
-            elif f.name == "prompts":
-                kw["prompts"] = [s for p in parts for s in p.prompts]
-            elif f.name == "policy_version":
-                kw["policy_version"] = min(p.policy_version for p in parts)
-            else:
-                ts = [getattr(p, f.name) for p in parts]
-                nonempty = [t for t in ts if t.numel()]
-                kw[f.name] = torch.cat(nonempty) if nonempty else ts[0]
-        return Trajectories(**kw)

@@ -97,14 +97,6 @@ class RolloutWorker:
             _, old = self._refs.popitem(last=False)
             self._ref_bytes -= old.numel() * old.element_size()
 
-    def references(self, prompts: list[str], noise_seeds: list[int]) -> torch.Tensor:
-        """Images of the backbone's default ``reference_steps`` schedule for the same prompt and noise (cached;
-        uncached ones run now, on their own)."""
-        todo = self.missing_references(prompts, noise_seeds)
-        if todo.prompts:
-            self.cache_references(todo, self.engine.run_fixed(todo.prompts, todo.noise_seeds, todo.num_steps).images)
-        return self._lookup(prompts, noise_seeds)
-
     def _lookup(self, prompts: list[str], noise_seeds: list[int]) -> torch.Tensor:
         out = []
         for key in zip(prompts, [int(s) for s in noise_seeds]):

@@ -154,7 +154,7 @@ def check_resumable(state: dict | None, zero_stage: int, num_ranks: int) -> str 
 
 
 class LearnerRank:
-    """One rank of the learner group (wrapped with ``ray.remote`` by the Ray trainer)."""
+    """One rank of the learner group (run as a Ray actor by the Ray executor, ``tpdm_rl/executors/ray_executor.py``)."""
     def __init__(self, rank: int, world: int, cfg_json: str, spec: dict, threads: int = 1) -> None:
         apply_threads(threads, "actor")  # the thread policy (docs/threads.md)
         self.rank, self.world = rank, world

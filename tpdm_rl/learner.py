@@ -1,7 +1,7 @@
 """The learner: recomputes per-step log-probs from stored features and applies PPO-clip updates.
 
 The batch is a packed table of steps (``tpdm_rl.messages.LearnBatch``). The same TPM code that the
-rollout used turns the stored (pooled, storage-dtype) features into Beta log-probs, so on the first
+rollout used turns the stored (pooled, storage-dtype) features into its action's log-probs, so on the first
 epoch ratio = 1 and clipfrac = 0 up to float rounding.
 
 Memory is bounded: rows stay on the host in their storage dtype, and one minibatch at a time is
