@@ -201,90 +201,140 @@ def _evaluate(checkpoint, out_dir: Path, prompts, methods, rewards, seeds, backb
     pipe = TPDMPipeline.from_pretrained(backbone, tpm=tpm_file, device=device, batch_size=batch_size,
                                         inference=inference)
     pipe.check_prompts(prompt_list)  # a toy backbone draws only its world's prompts
-    sampler = pipe.sampler()
-    bb = pipe.backbone
     items = [(i, k) for i in range(len(prompt_list)) for k in range(int(seeds))]
-    all_prompts = [prompt_list[i] for i, _ in items]
-    all_seeds = [noise_seed(i, k) for i, k in items]
-    n_img = len(items)
     grid_idx = [j for j, (i, k) in enumerate(items) if k == 0][:max(int(grid_prompts), 0)]
+    runner = _MethodRunner(pipe, [prompt_list[i] for i, _ in items], [noise_seed(i, k) for i, k in items],
+                           reward_models, grid_idx)
+    runner.run_all(table, pareto, family, max(int(timing_repeats), 1), progress)
+    shown = _shown_methods(table, runner.mean_runs)
+    report = _report(runner, shown, pareto, family, items, prompt_list) | {
+        "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "prompts": str(prompts),
+        "seeds_per_prompt": int(seeds), "tables": str(tables) if tables else None}
+    report = {k: report[k] for k in REPORT_KEYS}  # results.json keeps its order of keys
+    _write_outputs(out_dir, report, runner.results, shown, items, prompt_list, schedule_prompts, grid_idx)
+    return report
 
-    wants_mean = [m for m in table if m.kind == "tpm-mean"]
-    tpm = Method("tpm")
-    runs: list[Method] = [REFERENCE] + ([tpm] if wants_mean or tpm in table else [])
-    runs += [m for m in table if m not in runs and m.kind != "tpm-mean"]
-    runs += [m for m in (Method("fixed", steps=n) for n in pareto) if m not in runs]
-    runs += [m for m in family.values() if m not in runs]
-    repeats = max(int(timing_repeats), 1)
-    warm = list({m.kind: m for m in runs}.values())
-    # the bar starts before the untimed warm-up (it took half a minute at 0% on the toy world): one unit for
-    # encoding the prompts and one per warmed-up method kind, then one per image
-    bar = tqdm(total=(len(runs) + 2 * len(wants_mean)) * n_img * repeats + 1 + len(warm), desc="eval", unit="img",
-               disable=not progress, dynamic_ncols=True)
-    # untimed: encode every prompt once (cached) and warm every code path up on one image
-    bar.set_postfix_str(f"encoding {len(set(all_prompts))} prompts")
-    bb.encode_prompts(sorted(set(all_prompts)) + [bb.negative_prompt])
-    bar.update(1)
-    for m in warm:
-        bar.set_postfix_str(f"warm-up {m.kind}")
-        sampler.run(Method("fixed", steps=2) if m.kind in ("fixed", "sigmas") else m, all_prompts[:1], all_seeds[:1])
+
+#: the keys of results.json, in their order
+REPORT_KEYS = ("checkpoint", "tpm_file", "backbone", "device", "prompts", "num_prompts", "seeds_per_prompt",
+               "num_images", "resolution", "guidance_scale", "reference", "rewards", "metrics", "tpm_settings",
+               "timing_repeats", "threads", "created", "methods", "pareto", "tables", "tables_curve",
+               "tpm_mean_tables", "comparisons", "complexity", "per_image")
+
+
+class _MethodRunner:
+    """Runs every method of an evaluation on the same prompts and noises, scores it against the reference and
+    keeps its :class:`MethodResult`."""
+
+    def __init__(self, pipe: TPDMPipeline, prompts: list[str], seeds: list[int], reward_models: dict,
+                 grid_idx: list[int]) -> None:
+        self.pipe, self.sampler, self.bb = pipe, pipe.sampler(), pipe.backbone
+        self.prompts, self.seeds = prompts, seeds
+        self.reward_models, self.grid_idx = reward_models, grid_idx
+        self.results: dict[str, MethodResult] = {}
+        self.mean_tables: dict[str, torch.Tensor] = {}  # the tpm-mean:N tables
+        self.mean_runs: list[Method] = []
+        self.ref_images = None
+        self.repeats = 1
+        self.bar = None
+
+    def run_all(self, table: list[Method], pareto: list[int], family: dict[int, Method], repeats: int,
+                progress: bool) -> None:
+        """The reference first, then the TPM, the asked methods, the ``fixed:N`` curve, the table family, the
+        ``tpm-mean`` tables; then ``repeats - 1`` round-robin re-timings."""
+        wants_mean = [m for m in table if m.kind == "tpm-mean"]
+        tpm = Method("tpm")
+        runs: list[Method] = [REFERENCE] + ([tpm] if wants_mean or tpm in table else [])
+        runs += [m for m in table if m not in runs and m.kind != "tpm-mean"]
+        runs += [m for m in (Method("fixed", steps=n) for n in pareto) if m not in runs]
+        runs += [m for m in family.values() if m not in runs]
+        self.repeats = repeats
+        warm = list({m.kind: m for m in runs}.values())
+        n_img = len(self.prompts)
+        # the bar starts before the untimed warm-up (it took half a minute at 0% on the toy world): one unit for
+        # encoding the prompts and one per warmed-up method kind, then one per image
+        self.bar = tqdm(total=(len(runs) + 2 * len(wants_mean)) * n_img * repeats + 1 + len(warm), desc="eval",
+                        unit="img", disable=not progress, dynamic_ncols=True)
+        self._warm_up(warm)
+        try:
+            for m in runs:
+                self.run_one(m)
+            for m in wants_mean:  # the TPM's own mean schedule as one fixed table, at equal NFE with the TPM
+                self._run_mean(m)
+            for _ in range(repeats - 1):  # round-robin re-timing: a burst of load hits one pass, not one method
+                self._retime(runs + self.mean_runs)
+        finally:
+            self.bar.close()
+
+    def _warm_up(self, warm: list[Method]) -> None:
+        """Untimed: encode every prompt once (cached) and warm every code path up on one image."""
+        bar, bb = self.bar, self.bb
+        bar.set_postfix_str(f"encoding {len(set(self.prompts))} prompts")
+        bb.encode_prompts(sorted(set(self.prompts)) + [bb.negative_prompt])
         bar.update(1)
-    results: dict[str, MethodResult] = {}
-    mean_tables: dict[str, torch.Tensor] = {}  # the tpm-mean:N tables
-    ref_images = None
+        for m in warm:
+            bar.set_postfix_str(f"warm-up {m.kind}")
+            self.sampler.run(Method("fixed", steps=2) if m.kind in ("fixed", "sigmas") else m, self.prompts[:1],
+                             self.seeds[:1])
+            bar.update(1)
 
-    def run_one(m: Method, table: torch.Tensor | None = None) -> None:
-        nonlocal ref_images
-        bar.set_postfix_str(m.name)
-        out: SampleOutput = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=table)
-        if ref_images is None:
-            ref_images = out.images
+    def run_one(self, m: Method, table: torch.Tensor | None = None) -> None:
+        self.bar.set_postfix_str(m.name)
+        out: SampleOutput = self.sampler.run(m, self.prompts, self.seeds, progress=self.bar.update, table=table)
+        if self.ref_images is None:
+            self.ref_images = out.images
+        ref_images = self.ref_images
         scores = {}
-        for name, model in reward_models.items():
-            s, extra = model.score_details(out.images, all_prompts, ref_images if model.needs_reference else None)
+        for name, model in self.reward_models.items():
+            s, extra = model.score_details(out.images, self.prompts, ref_images if model.needs_reference else None)
             scores[name] = s
             scores.update({f"{name}_{k}": v for k, v in extra.items()})
-        results[m.name] = MethodResult(
+        self.results[m.name] = MethodResult(
             method=m.name, nfe=out.nfe, steps=out.steps, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
             psnr=psnr(out.images, ref_images), ssim=ssim_per_image(out.images, ref_images), rewards=scores,
-            sigmas=out.sigmas, called=out.called, grid_images=out.images[grid_idx].clone(),
+            sigmas=out.sigmas, called=out.called, grid_images=out.images[self.grid_idx].clone(),
             is_reference=m == REFERENCE)
 
-    try:
-        for m in runs:
-            run_one(m)
-        mean_runs = []
-        for m in wants_mean:  # the TPM's own mean schedule as one fixed table, at equal NFE with the TPM
-            mean_nfe = float(results["tpm"].nfe.double().mean())
-            ns = [m.steps] if m.steps else sorted({max(1, math.floor(mean_nfe)), max(1, math.ceil(mean_nfe))})
-            for n in ns:
-                mm = Method("tpm-mean", steps=n)
-                if mm.name not in results:
-                    mean_tables[mm.name] = mean_schedule(results["tpm"].sigmas, n)
-                    run_one(mm, mean_tables[mm.name])
-                    mean_runs.append(mm)
-        for _ in range(repeats - 1):  # round-robin re-timing: a burst of load hits one pass, not one method
-            for m in runs + mean_runs:
-                bar.set_postfix_str(f"{m.name} (timing)")
-                again = sampler.run(m, all_prompts, all_seeds, progress=bar.update, table=mean_tables.get(m.name))
-                r = results[m.name]
-                r.seconds, r.cpu_seconds = min(r.seconds, again.seconds), min(r.cpu_seconds, again.cpu_seconds)
-    finally:
-        bar.close()
+    def _run_mean(self, m: Method) -> None:
+        """``tpm-mean[:N]``: the TPM's schedules averaged into one N-step table (without N: the two integers around
+        the TPM's mean NFE)."""
+        mean_nfe = float(self.results["tpm"].nfe.double().mean())
+        ns = [m.steps] if m.steps else sorted({max(1, math.floor(mean_nfe)), max(1, math.ceil(mean_nfe))})
+        for n in ns:
+            mm = Method("tpm-mean", steps=n)
+            if mm.name not in self.results:
+                self.mean_tables[mm.name] = mean_schedule(self.results["tpm"].sigmas, n)
+                self.run_one(mm, self.mean_tables[mm.name])
+                self.mean_runs.append(mm)
 
-    ref = results[REFERENCE.name]
+    def _retime(self, methods: list[Method]) -> None:
+        for m in methods:
+            self.bar.set_postfix_str(f"{m.name} (timing)")
+            again = self.sampler.run(m, self.prompts, self.seeds, progress=self.bar.update,
+                                     table=self.mean_tables.get(m.name))
+            r = self.results[m.name]
+            r.seconds, r.cpu_seconds = min(r.seconds, again.seconds), min(r.cpu_seconds, again.cpu_seconds)
+
+
+def _shown_methods(table: list[Method], mean_runs: list[Method]) -> list[str]:
+    """The methods the report shows, in the order asked (``tpm-mean`` without N: its runs), and the reference."""
     shown = []
     for m in table:
         names = [x.name for x in mean_runs] if m.kind == "tpm-mean" and not m.steps else [m.name]
         shown += [n for n in names if n not in shown]
     if REFERENCE.name not in shown:
         shown.append(REFERENCE.name)
-    rows = [results[name].row(ref, n_img) for name in shown]
-    curve = [results[f"fixed:{n}"].row(ref, n_img) for n in pareto]
-    tables_curve = [results[m.name].row(ref, n_img) | {"nfe_table": n} for n, m in family.items()]
+    return shown
+
+
+def _report(runner: _MethodRunner, shown: list[str], pareto: list[int], family: dict[int, Method],
+            items: list[tuple[int, int]], prompt_list: list[str]) -> dict:
+    """What results.json holds (less the run's own arguments, which the caller adds)."""
+    results, bb, n_img = runner.results, runner.bb, len(items)
+    ref = results[REFERENCE.name]
     per_image = []
     for j, (i, k) in enumerate(items):
-        rec = {"prompt_index": i, "k": k, "prompt": prompt_list[i], "seed": all_seeds[j],
+        rec = {"prompt_index": i, "k": k, "prompt": prompt_list[i], "seed": runner.seeds[j],
                "nfe": {name: int(results[name].nfe[j]) for name in shown},
                "psnr": {name: round(float(results[name].psnr[j]), 4) for name in shown},
                "ssim": {name: round(float(results[name].ssim[j]), 5) for name in shown},
@@ -295,19 +345,25 @@ def _evaluate(checkpoint, out_dir: Path, prompts, methods, rewards, seeds, backb
         if sch:
             rec["sigmas"] = sch
         per_image.append(rec)
-    report = {
-        "checkpoint": str(checkpoint), "tpm_file": str(tpm_file), "backbone": bb.name, "device": str(bb.device),
-        "prompts": str(prompts), "num_prompts": len(prompt_list), "seeds_per_prompt": int(seeds),
-        "num_images": n_img, "resolution": sampler.height, "guidance_scale": bb.guidance_scale,
-        "reference": REFERENCE.name, "rewards": list(reward_models),
-        "metrics": list(results[REFERENCE.name].rewards), "tpm_settings": pipe.settings,
-        "timing_repeats": repeats, "threads": torch.get_num_threads(),
+    return {
+        "backbone": bb.name, "device": str(bb.device), "num_prompts": len(prompt_list), "num_images": n_img,
+        "resolution": runner.sampler.height, "guidance_scale": bb.guidance_scale, "reference": REFERENCE.name,
+        "rewards": list(runner.reward_models), "metrics": list(results[REFERENCE.name].rewards),
+        "tpm_settings": runner.pipe.settings, "timing_repeats": runner.repeats, "threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "methods": rows, "pareto": curve, "tables": str(tables) if tables else None, "tables_curve": tables_curve,
-        "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in mean_tables.items()},
-        "comparisons": compare_tpm(results, {n: m.name for n, m in family.items()}), "complexity": complexity_report(results, all_prompts, shown),
+        "methods": [results[name].row(ref, n_img) for name in shown],
+        "pareto": [results[f"fixed:{n}"].row(ref, n_img) for n in pareto],
+        "tables_curve": [results[m.name].row(ref, n_img) | {"nfe_table": n} for n, m in family.items()],
+        "tpm_mean_tables": {k: [round(float(x), 5) for x in v] for k, v in runner.mean_tables.items()},
+        "comparisons": compare_tpm(results, {n: m.name for n, m in family.items()}),
+        "complexity": complexity_report(results, runner.prompts, shown),
         "per_image": per_image,
     }
+
+
+def _write_outputs(out_dir: Path, report: dict, results: dict[str, MethodResult], shown: list[str],
+                   items: list[tuple[int, int]], prompt_list: list[str], schedule_prompts, grid_idx: list[int]) -> None:
+    """results.json, results.md and the plots; the COMPLETE marker last."""
     (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "results.md").write_text(results_markdown(report))
     plot_schedules(out_dir / "schedules.png", results, shown, items, prompt_list, schedule_prompts)
@@ -317,7 +373,6 @@ def _evaluate(checkpoint, out_dir: Path, prompts, methods, rewards, seeds, backb
     if report["complexity"] is not None:
         plot_complexity(out_dir / "steps_vs_complexity.png", report)
     (out_dir / COMPLETE).write_text(f"evaluation complete {report['created']}\n")  # last: marks a whole folder
-    return report
 
 
 class EvalOutputError(RuntimeError):
