@@ -502,8 +502,9 @@ def make_tpm(bb, s: dict) -> torch.nn.Module:
 def run_once(bb, tpm, res: int, bs: int, continuous: bool, s: dict) -> dict:
     """One instrumented engine run (decoded) over ``trajectories_per_slot x bs`` trajectories."""
     from tpdm_rl.rollout.engine import SamplingEngine
-    from tpdm_rl.rollout.rng import derive_key
     from tpdm_rl.rollout.schedules import TPMSchedule
+
+    from tpdm_rl.rng import derive_key
 
     n = s["trajectories_per_slot"] * bs
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]

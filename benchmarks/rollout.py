@@ -45,11 +45,11 @@ def main() -> None:
 
     from tpdm_rl.rollout.backbone import Backbone
     from tpdm_rl.rollout.engine import SamplingEngine
-    from tpdm_rl.rollout.rng import derive_key
     from tpdm_rl.rollout.schedules import TPMSchedule
 
     from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
     from tpdm_rl.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.rng import derive_key
     from tpdm_rl.threads import apply_threads
 
     threads = apply_threads(args.threads, "benchmark")  # before any torch work: the backbone load already uses the pool

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.rng import keyed_normal_noise
 from tpdm_rl.rollout.toy import toy_backbone_path
 
 from tpdm_rl.prompts import load_prompts
+from tpdm_rl.rng import keyed_normal_noise
 from tpdm_rl.toyworld import ambiguity
 
 ROOT = Path(__file__).resolve().parent.parent

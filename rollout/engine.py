@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tpdm_rl.rng import keyed_normal_noise
+
 from .flow import euler_step, terminal
-from .rng import keyed_normal_noise
 from .schedules import FixedSchedule, Schedule
 from .trajectory import Trajectories
 

@@ -10,11 +10,11 @@ import torch
 from conftest import small_overrides
 from tpdm_rl.rollout.baselines import adaptive_skip_mask
 from tpdm_rl.rollout.methods import Method, MethodError, parse_method, parse_methods
-from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.sampler import MethodSampler
 
 from tpdm_rl.cli import main
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.rng import derive_key
 from tpdm_rl.tpm_file import CheckpointError, save_tpm
 
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk", "a bowl of ramen", "a cat on a sofa",

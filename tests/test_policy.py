@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from tpdm_rl.rollout.rng import counter_beta, counter_normal, counter_uniform, derive_key
 
 from tpdm_rl.actions import beta_log_prob, beta_mode
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.rng import counter_beta, counter_normal, counter_uniform, derive_key
 
 
 def test_beta_log_prob_matches_direct_formula():

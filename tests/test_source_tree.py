@@ -36,7 +36,7 @@ PROBE = textwrap.dedent("""
             if spec is not None:
                 first[name] = type(finder).__name__
                 break
-    sub = {n: importlib.import_module(n) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards", "tpdm_rl.rollout.rng")}
+    sub = {n: importlib.import_module(n) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards", "tpdm_rl.rollout.flow")}
     print(json.dumps({"tpdm_rl": tpdm_rl.__file__, **{n: m.__file__ for n, m in sub.items()},
                       "markers": [getattr(sub[n], "COPY_MARKER", None) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards")],
                       "first_finder": first}))
@@ -75,7 +75,7 @@ def test_a_copy_first_on_pythonpath_imports_its_own_folders(tmp_path):
     assert Path(got["tpdm_rl"]) == upload / "tpdm_rl" / "__init__.py"
     assert Path(got["tpdm_rl.rollout"]) == upload / "rollout" / "__init__.py"
     assert Path(got["tpdm_rl.rewards"]) == upload / "rewards" / "__init__.py"
-    assert Path(got["tpdm_rl.rollout.rng"]) == upload / "rollout" / "rng.py"
+    assert Path(got["tpdm_rl.rollout.flow"]) == upload / "rollout" / "flow.py"
     assert got["markers"] == ["upload", "upload"]
     assert got["first_finder"] == {"tpdm_rl.rollout": "_SourceTreeFinder", "tpdm_rl.rewards": "_SourceTreeFinder"}
 
@@ -106,7 +106,7 @@ def test_a_wheel_layout_needs_no_finder(tmp_path):
         (site / folder / "__init__.py").write_text("COPY_MARKER = 'stray'\n")
     got = _probe(site, cwd=tmp_path)
     assert got["markers"] == ["wheel", "wheel"]
-    assert Path(got["tpdm_rl.rollout.rng"]) == site / "tpdm_rl" / "rollout" / "rng.py"
+    assert Path(got["tpdm_rl.rollout.flow"]) == site / "tpdm_rl" / "rollout" / "flow.py"
     assert "_SourceTreeFinder" not in got["first_finder"].values()
 
 
@@ -121,7 +121,7 @@ RAY_DRIVER = textwrap.dedent("""
         def where(self):
             import importlib
             import tpdm_rl
-            mods = {n: importlib.import_module(n) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards", "tpdm_rl.rollout.rng")}
+            mods = {n: importlib.import_module(n) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards", "tpdm_rl.rollout.flow")}
             return {"cwd": os.getcwd(), "tpdm_rl": tpdm_rl.__file__, **{n: m.__file__ for n, m in mods.items()},
                     "markers": [getattr(mods[n], "COPY_MARKER", None) for n in ("tpdm_rl.rollout", "tpdm_rl.rewards")]}
 
@@ -155,7 +155,7 @@ def test_ray_workers_import_the_uploaded_working_dir_not_the_installed_copy(tmp_
     assert Path(worker["tpdm_rl"]) == cwd / "tpdm_rl" / "__init__.py"
     assert Path(worker["tpdm_rl.rollout"]) == cwd / "rollout" / "__init__.py"
     assert Path(worker["tpdm_rl.rewards"]) == cwd / "rewards" / "__init__.py"
-    assert Path(worker["tpdm_rl.rollout.rng"]) == cwd / "rollout" / "rng.py"
+    assert Path(worker["tpdm_rl.rollout.flow"]) == cwd / "rollout" / "flow.py"
     assert worker["markers"] == ["upload", "upload"]
     # the driver of this test runs the installed copy, which is not the upload
     assert Path(got["driver"]["tpdm_rl.rollout"]).parent.parent != upload

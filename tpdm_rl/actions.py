@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdm_rl.rollout.rng import counter_beta, counter_uniform
+from tpdm_rl.rng import counter_beta, counter_uniform
 from tpdm_rl.rollout.tables import check_table
 
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tpdm_rl.rewards.composition import RewardSet
-from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rng import derive_key
 
 from .builders.tiny_backbone import resolve_backbone_path
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_consent, save_checkpoint

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rng import derive_key
 
 from .config import AlgorithmConfig, OptimConfig
 from .messages import LearnBatch

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdm_rl.rollout.rng import derive_key
+from tpdm_rl.rng import derive_key
 
 from .actions import ACTIONS, STOP_SHARPNESS, ActionDistribution, Params, make_action
 from .config import Config

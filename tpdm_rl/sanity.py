@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpdm_rl.rng import derive_key
 from tpdm_rl.rollout.backbone import StepOutput
 from tpdm_rl.rollout.engine import SamplingEngine
-from tpdm_rl.rollout.rng import derive_key
 from tpdm_rl.rollout.schedules import TPMSchedule
 
 from .config import Config
