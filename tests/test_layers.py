@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_rl.rewards"}
 LAYERS: dict[str, int] = {
     "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.utils": 0, "tpdm_rl.config": 0, "tpdm_rl.prompts": 0,
-    "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.rollout.tables": 0, "tpdm_rl.rewards": 0,
+    "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.tables": 0, "tpdm_rl.rewards": 0,
     "tpdm_rl.rewards.registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
     "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpdm_rl.rng import counter_beta, counter_uniform
-from tpdm_rl.rollout.tables import check_table
+from tpdm_rl.tables import check_table
 
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite
 STOP = 0.0  # the stored action of a "stop" decision (stop-ratio); ratios lie in (R_EPS, 1 - R_EPS)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tpdm_rl.rewards.registry import reward_info
 from tpdm_rl.rollout.methods import parse_method, parse_methods
-from tpdm_rl.rollout.tables import load_family
 from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, check_toy_prompts
+from tpdm_rl.tables import load_family
 
 from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_OUTPUT_FILES, MAX_SIZE, MIN_SIZE
 from .prompts import load_prompts

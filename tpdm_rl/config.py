@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tpdm_rl.console import warn
 from tpdm_rl.rewards.registry import RewardError, reward_info
 from tpdm_rl.rollout.methods import parse_methods
-from tpdm_rl.rollout.tables import TableError, check_table, load_family
 from tpdm_rl.step_penalty import StepPenalty
+from tpdm_rl.tables import TableError, check_table, load_family
 
 #: the most training iterations a run may ask for (1,000,000 iterations of the smallest run is weeks of compute;
 #: a larger number is a typo, e.g. an extra digit group)

@@ -29,8 +29,8 @@ from tpdm_rl.rollout.methods import Method, parse_method, parse_methods
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.sampler import SampleOutput
 from tpdm_rl.rollout.schedules import mean_schedule
-from tpdm_rl.rollout.tables import load_family
 from tpdm_rl.runfolder import LOCK_FILE, lock_folder, unlock_folder
+from tpdm_rl.tables import load_family
 from tpdm_rl.tpm_file import locate_tpm
 
 from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
@@ -141,7 +141,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     """Run every method on the same prompts and noises, score, and write the report files.
 
     ``inference`` (mode, mean or sample) overrides the TPM file's ``policy.inference``.
-    ``tables``: a family of hand-made sigma tables (``rollout.tables.load_family``: ``builtin:toy``,
+    ``tables``: a family of hand-made sigma tables (``tpdm_rl.tables.load_family``: ``builtin:toy``,
     ``shift:S`` or a JSON file), one per NFE, run as ``sigmas:`` methods; the TPM is compared with the family at
     equal NFE and pareto.png draws it as a second curve (``shift:S`` is restricted to ``pareto_steps``).
     ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all
