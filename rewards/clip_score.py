@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from tpdm_rl.reward_registry import register_reward
+
 from .pickscore import HFCLIPReward
-from .registry import register_reward
 
 
 @register_reward("clip_score")

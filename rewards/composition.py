@@ -7,8 +7,7 @@ import math
 import torch
 
 from tpdm_rl.objective import RunningMeanStd, group_normalize
-
-from .registry import reward_class
+from tpdm_rl.reward_registry import reward_class
 
 
 class RewardSet:

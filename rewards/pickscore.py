@@ -10,10 +10,11 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import logging as hf_logging
 
+from tpdm_rl.reward_registry import RewardError, register_reward
+
 from .base import RewardModel
 from .checkpoints import one_line, require_dir
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, clip_preprocess
-from .registry import RewardError, register_reward
 
 
 def _pooled(out) -> torch.Tensor:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from tpdm_rl.reward_registry import RewardError, register_reward
 from tpdm_rl.toyworld import (
     BACKGROUNDS,
     COLOURS,
@@ -49,7 +50,6 @@ from tpdm_rl.toyworld import (
 )
 
 from .base import RewardModel
-from .registry import RewardError, register_reward
 
 _PALETTE = torch.tensor(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=torch.float32)  # [9, 3]
 _NC, _NS = len(COLOURS), len(SHAPES)

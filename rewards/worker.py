@@ -11,9 +11,8 @@ import time
 import torch
 
 from tpdm_rl.messages import ImageBatch, ScoreResult
+from tpdm_rl.reward_registry import RewardError, build_reward
 from tpdm_rl.threads import apply_threads
-
-from .registry import RewardError, build_reward
 
 
 class RewardWorker:

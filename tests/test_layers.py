@@ -19,7 +19,7 @@ FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_
 LAYERS: dict[str, int] = {
     "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.utils": 0, "tpdm_rl.config": 0, "tpdm_rl.prompts": 0,
     "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.tables": 0, "tpdm_rl.rewards": 0,
-    "tpdm_rl.rewards.registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
+    "tpdm_rl.reward_registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
     "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,
     "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.rollout.methods": 0,  # method strings: parsed with the config
@@ -179,7 +179,7 @@ def test_the_checker_sees_a_violation(tmp_path):
 
 def test_static_reward_info_matches_the_classes():
     """Config validation reads the built-in rewards from their source (fast); it must say what the classes say."""
-    from tpdm_rl.rewards import registry
+    from tpdm_rl import reward_registry as registry
 
     static = registry._static_builtin_info()
     assert set(static) == set(registry.BUILTIN_MODULES)

@@ -8,9 +8,9 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from tpdm_rl.rewards.registry import RewardError, build_reward
 from tpdm_rl.rewards.shapes import analyse
 
+from tpdm_rl.reward_registry import RewardError, build_reward
 from tpdm_rl.toyworld import (
     BACKGROUNDS,
     COLOURS,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from .rewards.registry import reward_class, reward_names
+from .reward_registry import reward_class, reward_names
 
 
 @dataclass(frozen=True)

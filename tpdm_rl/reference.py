@@ -16,7 +16,7 @@ from pathlib import Path
 from .cli_config import markdown_reference
 from .config import RESUME_FREE_KEYS
 from .metrics import metrics_markdown
-from .rewards.registry import reward_class, reward_names, reward_option_defaults
+from .reward_registry import reward_class, reward_names, reward_option_defaults
 
 #: repository root (the folder that holds docs/)
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from tpdm_rl.ds_learner import LearnerRank, check_resumable, merge_rank_states
 from tpdm_rl.messages import RolloutTask
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 from tpdm_rl.resources import role_bundles
-from tpdm_rl.rewards.registry import RewardError
+from tpdm_rl.reward_registry import RewardError
 from tpdm_rl.rewards.worker import RewardWorker
 from tpdm_rl.rollout.backbone import BackboneError
 from tpdm_rl.rollout.worker import RolloutWorker

@@ -1,5 +1,8 @@
 """The reward registry: names -> reward classes, their options, and ``build_reward``.
 
+In the core (``tpdm_rl.reward_registry``): the config, the metrics catalogue and the reward implementations in
+``tpdm_rl.rewards`` all import it, and it imports none of them at module level.
+
 It sits below every other layer (the config validates reward names and options with it), so it
 imports no reward implementation statically: the built-in reward modules are imported by name on
 first lookup, which keeps optional heavy dependencies (open_clip, transformers' BLIP) off the
@@ -11,12 +14,15 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: the package of the reward implementations (the repository's rewards/ folder)
+REWARDS_PACKAGE = "tpdm_rl.rewards"
 #: built-in reward modules (``tpdm_rl.rewards.<module>``), imported on first registry lookup
 BUILTIN_MODULES = ("fidelity", "shapes", "hpsv2", "aesthetic", "pickscore", "imagereward", "clip_score")
 
@@ -100,7 +106,8 @@ def _static_builtin_info() -> dict[str, RewardInfo]:
     if _STATIC is not None:
         return _STATIC
     classes: dict[str, dict] = {}
-    here = Path(__file__).resolve().parent
+    spec = importlib.util.find_spec(REWARDS_PACKAGE)  # its folder, without running its __init__
+    here = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec else Path()
     for mod in ("base", *BUILTIN_MODULES):
         try:
             tree = ast.parse((here / f"{mod}.py").read_text())
@@ -178,7 +185,7 @@ def _load_builtin_rewards() -> None:
     _LOADED = True
     for mod in BUILTIN_MODULES:
         try:
-            importlib.import_module(f"{__package__}.{mod}")
+            importlib.import_module(f"{REWARDS_PACKAGE}.{mod}")
         except ModuleNotFoundError as exc:  # an optional extra (open_clip) is missing: that reward is unavailable
-            if exc.name and exc.name.startswith(__package__):
+            if exc.name and exc.name.startswith(REWARDS_PACKAGE):
                 raise
