@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.backbone import Backbone
-from tpdm_rl.rollout.methods import Method
 from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
 from tpdm_rl.evaluation.run import noise_seed
+from tpdm_rl.methods import Method
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
 from tpdm_rl.threads import apply_threads

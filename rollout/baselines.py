@@ -1,13 +1,12 @@
-"""Deprecated module name: method parsing is ``rollout/methods.py``, the sampler ``rollout/sampler.py``.
+"""Deprecated module name: method parsing is ``tpdm_rl/methods.py``, the sampler ``rollout/sampler.py``.
 
 Kept so that code written against it keeps working: ``BaselineSampler`` is :class:`~rollout.sampler.MethodSampler`
-(which runs the TPM too, not only baselines), and the method names are those of ``rollout.methods``.
+(which runs the TPM too, not only baselines), and the method names are those of ``tpdm_rl.methods``.
 """
 
 from __future__ import annotations
 
-from .adaptive import legacy_skip_mask
-from .methods import (  # noqa: F401 - re-exported
+from tpdm_rl.methods import (  # noqa: F401 - re-exported
     DEFAULT_MAX_SKIP,
     DEFAULT_THRESHOLD,
     METHOD_FORMS,
@@ -17,6 +16,8 @@ from .methods import (  # noqa: F401 - re-exported
     parse_method,
     parse_methods,
 )
+
+from .adaptive import legacy_skip_mask
 from .sampler import INFERENCE_STREAM, MethodSampler, SampleOutput  # noqa: F401 - re-exported
 
 #: deprecated: the sampler's old name (it runs every method, the TPM included)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from tpdm_rl.methods import DEFAULT_MAX_SKIP, Method, parse_method
 from tpdm_rl.tpm_file import checkpoint_error, load_tpm, locate_tpm, read_inference_settings
 from tpdm_rl.utils import DTYPES
 
 from .backbone import Backbone, BackboneError
-from .methods import DEFAULT_MAX_SKIP, Method, parse_method
 from .sampler import MethodSampler
 from .settings import check_compatible, mismatch_error, transformer_geometry
 from .toy import check_toy_prompts

@@ -349,8 +349,9 @@ def test_the_eval_bar_moves_batch_by_batch_on_fixed_tables(monkeypatch):
     from types import SimpleNamespace
 
     import torch
-    from tpdm_rl.rollout.methods import Method
     from tpdm_rl.rollout.sampler import MethodSampler
+
+    from tpdm_rl.methods import Method
 
     def fake(self, m, p, s, decode, table=None):
         n = len(p)

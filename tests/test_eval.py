@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import small_overrides
 from tpdm_rl.rollout.baselines import adaptive_skip_mask
-from tpdm_rl.rollout.methods import Method, MethodError, parse_method, parse_methods
 from tpdm_rl.rollout.sampler import MethodSampler
 
 from tpdm_rl.cli import main
+from tpdm_rl.methods import Method, MethodError, parse_method, parse_methods
 from tpdm_rl.policy import TimePredictionModule, TPMSpec
 from tpdm_rl.rng import derive_key
 from tpdm_rl.tpm_file import CheckpointError, save_tpm

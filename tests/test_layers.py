@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "tpdm_rl.reward_registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
     "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,
-    "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.rollout.methods": 0,  # method strings: parsed with the config
+    "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.methods": 0,  # method strings: parsed with the config
     "tpdm_rl.rollout.backbone": 2, "tpdm_rl.rollout.families": 2, "tpdm_rl.rollout.worker": 2, "tpdm_rl.rollout.baselines": 2, "tpdm_rl.rollout.sampler": 2,
     "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.toy": 0, "tpdm_rl.rewards.*": 2,
     "tpdm_rl.builders": 2, "tpdm_rl.builders.*": 2,

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from conftest import small_overrides
-from tpdm_rl.rollout.methods import Method, MethodError, parse_method, parse_methods
 from tpdm_rl.rollout.sampler import MethodSampler
 
 from tpdm_rl.cli import main
+from tpdm_rl.methods import Method, MethodError, parse_method, parse_methods
 from tpdm_rl.tables import TableError, check_table, load_family, shift_table, two_phase_table
 
 PROMPTS = ["a red apple on a table", "a blue car in the rain", "a cat on a sofa"]

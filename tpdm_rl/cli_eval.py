@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tpdm_rl.methods import parse_method, parse_methods
 from tpdm_rl.reward_registry import reward_info
-from tpdm_rl.rollout.methods import parse_method, parse_methods
 from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, check_toy_prompts
 from tpdm_rl.tables import load_family
 

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpdm_rl.console import warn
+from tpdm_rl.methods import parse_methods
 from tpdm_rl.reward_registry import RewardError, reward_info
-from tpdm_rl.rollout.methods import parse_methods
 from tpdm_rl.step_penalty import StepPenalty
 from tpdm_rl.tables import TableError, check_table, load_family
 

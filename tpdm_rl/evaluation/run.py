@@ -21,11 +21,11 @@ from torchmetrics.functional import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_COMPLETE, EVAL_OUTPUT_FILES
+from tpdm_rl.methods import Method, parse_method, parse_methods
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.reward_registry import RewardError, build_reward
 from tpdm_rl.rewards.fidelity import psnr
 from tpdm_rl.rng import derive_key
-from tpdm_rl.rollout.methods import Method, parse_method, parse_methods
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.sampler import SampleOutput
 from tpdm_rl.rollout.schedules import mean_schedule
