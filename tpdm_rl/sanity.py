@@ -55,6 +55,7 @@ class SanityWorld:
     embed_dim: int = 8
     channels: int = 4
     grid: int = 4
+    reward_noise: float = 0.0  # std of Gaussian noise on each trajectory's quality (keyed by seed, iteration, index)
     prompts_per_class: int = 48  # training prompts; as many again are held out
     #: the TPM starts at the best single schedule (3 steps), so it must move both ways
     init_table: tuple[float, ...] = (1.0, 0.75, 0.5, 0.0)
@@ -187,6 +188,9 @@ def train_sanity(world: SanityWorld, cfg: Config, record: bool = False) -> Sanit
                         TPMSchedule(policy, cfg.rollout.sigma_min, mode="sample"), decode=False)
         cls = SanityWorld.class_of(plan.prompts)
         quality = world.table()[cls, tr.steps.clamp(1, 64) - 1].float()
+        if world.reward_noise:
+            g = torch.Generator().manual_seed(derive_key(cfg.seed, 0x2015E, it))
+            quality = quality + world.reward_noise * torch.randn(quality.shape, generator=g)
         adv = grpo_advantages({"quality": quality}, {"quality": 1.0}, tr.steps, plan.group, penalty, alg.adv_std,
                               alg.per_reward_norm, alg.adv_eps)
         rows = tr.step_rows()
