@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,28 @@ def test_garbage_model_index_is_named(tmp_path):
         Backbone(str(tmp_path), device="cpu")
 
 
+def test_the_controller_takes_a_resolved_backbone_path(tmp_path, tiny_backbone_dir, monkeypatch):
+    """The controller builds no backbone: an empty ``backbone.path`` without ``backbone_path`` is a one-line config
+    error before anything is written; the applications resolve it (tpdm-rl train, a sweep trial), once the
+    start-up checks have passed."""
+    from tpdm_rl.builders.tiny_backbone import run_backbone_path
+
+    cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir))
+    empty = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"path": ""})})
+    with pytest.raises(ConfigError, match="backbone.path is empty"):
+        Controller(empty, output=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert run_backbone_path(cfg, tmp_path / "run") == tiny_backbone_dir  # a given path is used as is
+    tiny = empty.model_copy(update={"backbone": empty.backbone.model_copy(update={"tiny_dir": tiny_backbone_dir})})
+    assert run_backbone_path(tiny, tmp_path / "run") == str(Path(tiny_backbone_dir).resolve())  # built already
+    calls = []
+    monkeypatch.setattr("tpdm_rl.controller.make_executor", lambda *a: calls.append(a[1]) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):  # a callable is called after the checks, its result used
+        Controller(empty, output=tmp_path / "run2", backbone_path=lambda: tiny_backbone_dir)
+    assert calls == [tiny_backbone_dir]
+
+
 def test_a_run_that_failed_before_its_first_iteration_does_not_block_the_retry(tmp_path, tiny_backbone_dir,
                                                                                   monkeypatch):
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **{"train.iterations": 1}))
@@ -237,12 +260,13 @@ BAD_TOY_PROMPTS = ("# toy prompts\n\na red circle on a white background\n# the n
 def test_prompts_outside_the_toy_grammar_fail_at_start_up_naming_their_line(tmp_path, monkeypatch, command):
     import time
 
+    import tpdm_rl.builders.tiny_backbone as tiny_mod
     import tpdm_rl.controller as controller_mod
 
     def no_model(*a, **k):
         raise AssertionError("the backbone was reached: the prompts were not checked at start-up")
 
-    monkeypatch.setattr(controller_mod, "resolve_backbone_path", no_model)
+    monkeypatch.setattr(tiny_mod, "resolve_backbone_path", no_model)  # what tpdm-rl train resolves the path with
     monkeypatch.setattr(controller_mod, "make_executor", no_model)
     prompts = tmp_path / "bad.txt"
     prompts.write_text(BAD_TOY_PROMPTS)  # the form feed: str.splitlines() would count one line too many

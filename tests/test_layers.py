@@ -7,6 +7,8 @@ Layers, bottom to top (docs/design.md, "Layers"):
   builders of the tiny, toy and random backbones and the reward fixtures (``tpdm_rl.builders``)
 3 controller and executors
 4 applications: CLI, evaluation, export, sweeps
+
+The runtime (layers 0-3) imports no builder: the applications resolve the backbone path for the controller.
 """
 
 from __future__ import annotations
@@ -154,6 +156,39 @@ def test_the_separation_check_sees_a_violation(tmp_path):
     b.write_text("def f():\n    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone\n")
     bad = separation_violations({"tpdm_rl.rollout.x": (a, False), "tpdm_rl.rewards.y": (b, False)})
     assert len(bad) == 2, bad
+
+
+def builder_violations(mods: dict[str, tuple[Path, bool]]) -> list[str]:
+    """Imports (top-level or inside functions) of ``tpdm_rl.builders`` by the runtime: every module below the
+    applications (layers 0-3: the core, rollout/, rewards/, the controller and the executors) but the builders
+    themselves. The applications (``tpdm-rl train``, the sweep trials) resolve ``backbone.path`` (an empty one
+    builds the tiny backbone) and hand the controller the result."""
+    bad = []
+    for name, (path, is_pkg) in mods.items():
+        if layer_of(name) > 3 or _inside(name, "tpdm_rl.builders"):
+            continue
+        found: dict[int, str] = {}
+        for target, line, _ in imports_of(name, path, is_pkg):
+            if _inside(target, "tpdm_rl.builders"):
+                found.setdefault(line, target)
+        bad += [f"{path}:{line}: {name} imports {target}" for line, target in sorted(found.items())]
+    return bad
+
+
+def test_the_runtime_imports_no_builder():
+    bad = builder_violations(modules())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_builder_check_sees_a_violation(tmp_path):
+    """Not vacuous: the controller or an executor importing a builder is found, an application is not."""
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("from .builders.tiny_backbone import resolve_backbone_path\n")
+    b.write_text("def f():\n    from tpdm_rl.builders import tiny_backbone\n")
+    c.write_text("from .builders.tiny_backbone import run_backbone_path\n")
+    bad = builder_violations({"tpdm_rl.controller": (a, False), "tpdm_rl.executors.local": (b, False),
+                              "tpdm_rl.cli": (c, False)})
+    assert len(bad) == 2 and "tpdm_rl.cli" not in "".join(bad), bad
 
 
 def test_function_local_imports_only_for_optional_heavy_dependencies():

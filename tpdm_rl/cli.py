@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "run always starts with a fresh optimizer")
     check_config_keys(args.allow_config_change, "--allow-config-change", cfg)
     check_prompt_files(cfg)  # bad prompts files (training and closing eval) answer before torch loads
+    from .builders.tiny_backbone import run_backbone_path
     from .controller import Controller  # the Controller applies the thread policy (train.threads)
     from .summary import write_summary
 
@@ -84,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"enabled": True})})
     controller = Controller(cfg, output=output, resume=args.resume, address=args.address, overwrite=args.overwrite,
-                            allow_config_change=args.allow_config_change, fresh_optimizer=args.fresh_optimizer)
+                            allow_config_change=args.allow_config_change, fresh_optimizer=args.fresh_optimizer,
+                            backbone_path=lambda: run_backbone_path(cfg, output))  # built once the checks pass
     if controller.folder.moved_to is not None:
         print(f"--overwrite: the previous run in {output} was moved to {controller.folder.moved_to}", file=sys.stderr)
     if controller.resumed_from is not None:

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from tpdm_rl.rewards.composition import RewardSet
 from tpdm_rl.rng import derive_key
 
-from .builders.tiny_backbone import resolve_backbone_path
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_consent, save_checkpoint
 from .config import Config, ConfigError, config_to_yaml
 from .executors.base import Executor, FatalRoleError
@@ -124,13 +123,27 @@ def make_executor(cfg: Config, backbone_path: str, address: str | None = None) -
     return LocalExecutor(cfg, backbone_path)
 
 
+def _check_backbone_path(path: str) -> str:
+    if not path:
+        raise ConfigError("config error: backbone.path is empty and no backbone_path was given: the tiny backbone "
+                          "is built by the application (tpdm-rl train, or "
+                          "tpdm_rl.builders.tiny_backbone.run_backbone_path(cfg, output))")
+    return path
+
+
 class Controller:
     """Runs ``cfg.train.iterations`` iterations of the loop on an executor, with checkpoints and metrics."""
     def __init__(self, cfg: Config, output: str | Path | None = None, resume: str | None = None,
                  address: str | None = None, executor: Executor | None = None, overwrite: bool = False,
                  allow_config_change: list[str] | tuple[str, ...] = (), fresh_optimizer: bool = False,
-                 thread_role: str = "train") -> None:
+                 thread_role: str = "train", backbone_path: str | Callable[[], str] | None = None) -> None:
+        """``backbone_path``: the backbone to load, resolved by the application (``cfg.backbone.path`` when not
+        given, which must then name one). A callable is called once the start-up checks have passed and the run
+        folder is taken: ``tpdm-rl train`` and the sweep trials build the tiny backbone (an empty ``backbone.path``)
+        only when the run goes ahead (``tpdm_rl.builders.tiny_backbone.run_backbone_path``)."""
         self.cfg = cfg
+        if backbone_path is None:
+            backbone_path = _check_backbone_path(cfg.backbone.path)
         self.output = Path(output or cfg.output)
         self.ckpt_root = self.output / "checkpoints"
         self.threads = apply_threads(cfg.train.threads, thread_role)
@@ -150,9 +163,7 @@ class Controller:
         ckpt = self._find_resume(resume)
         changes = resume_consent(ckpt, cfg, allow_config_change, fresh_optimizer)
         self.folder = RunFolder(self.output).acquire(resume=bool(resume), overwrite=overwrite)
-        tiny_dir = cfg.backbone.tiny_dir or str(self.output / "tiny_backbone")
-        self.backbone_path = resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()),
-                                                   cfg.backbone.tiny_seed, cfg.backbone.resolution)
+        self.backbone_path = _check_backbone_path(backbone_path() if callable(backbone_path) else backbone_path)
         self.rewards = RewardSet(cfg.rewards)
         self.start_iteration = 0
         self.policy_version = 0

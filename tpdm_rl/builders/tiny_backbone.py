@@ -30,6 +30,8 @@ from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
+    from tpdm_rl.config import Config
+
 TINY_HIDDEN = 32  # transformer width = heads * head_dim
 TINY_CLIP_HIDDEN = 16  # two CLIPs concatenated = 32 = T5 d_model = joint_attention_dim
 TINY_T5_MAX_LEN = 32
@@ -144,3 +146,12 @@ def resolve_backbone_path(path: str, tiny_dir: str | Path, tiny_seed: int, resol
     if path:
         return path
     return str(ensure_tiny_backbone(tiny_dir, seed=tiny_seed, sample_size=min(resolution, 128)))
+
+
+def run_backbone_path(cfg: Config, output: str | Path) -> str:
+    """The backbone a run into ``output`` loads: :func:`resolve_backbone_path` with ``backbone.tiny_dir`` (default
+    ``<output>/tiny_backbone``). The applications (``tpdm-rl train``, a sweep trial) resolve it for the
+    :class:`~tpdm_rl.controller.Controller`, which imports no builder."""
+    tiny_dir = cfg.backbone.tiny_dir or str(Path(output) / "tiny_backbone")
+    return resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()), cfg.backbone.tiny_seed,
+                                 cfg.backbone.resolution)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tpdm_rl.builders.tiny_backbone import run_backbone_path
 from tpdm_rl.config import Config
 from tpdm_rl.controller import Controller
 from tpdm_rl.executors.ray_pool import init_ray
@@ -45,7 +46,8 @@ def _trainable(config: dict) -> None:
         return wall
 
     # a distributed trial joins this trial's Ray instance and placement group
-    trainer = Controller(cfg, output=trial_dir, resume="auto", thread_role="sweep-trial")  # 0 threads -> 1
+    trainer = Controller(cfg, output=trial_dir, resume="auto", thread_role="sweep-trial",  # 0 threads -> 1
+                         backbone_path=lambda: run_backbone_path(cfg, trial_dir))
     save_info("running")
     reported = []
 
