@@ -405,7 +405,7 @@ def build_backbone(s: dict, cfg, workdir: Path, device: torch.device) -> tuple[A
 def _same_build(path: Path, s: dict) -> bool:
     """Whether ``path`` already holds the random backbone this run asks for (``--workdir`` reuse across runs)."""
     from tpdm_rl.builders.random_backbone import MARKER
-    from tpdm_rl.utils import read_json
+    from tpdm_rl.files import read_json
 
     marker = read_json(path / MARKER)
     if not isinstance(marker, dict):
@@ -792,9 +792,10 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tpdm_rl.builders.random_backbone import configs
-    from tpdm_rl.config import load_config
+    from tpdm_rl.config_io import load_config
+    from tpdm_rl.devices import resolve_device
+    from tpdm_rl.files import write_json_atomic
     from tpdm_rl.threads import apply_threads
-    from tpdm_rl.utils import resolve_device, write_json_atomic
 
     device = resolve_device(args.device)
     apply_threads(args.threads, "benchmark")

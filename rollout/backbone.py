@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tpdm_rl.utils import DTYPES, resolve_device, warn
+from tpdm_rl.console import warn
+from tpdm_rl.devices import DTYPES, resolve_device
 
 from .families import FamilyError, detect_family, family
 from .toy import SHIPPED_TOY_BACKBONES, toy_backbone_path

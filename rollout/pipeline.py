@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from tpdm_rl.devices import DTYPES
 from tpdm_rl.methods import DEFAULT_MAX_SKIP, Method, parse_method
 from tpdm_rl.tpm_file import checkpoint_error, load_tpm, locate_tpm, read_inference_settings
-from tpdm_rl.utils import DTYPES
 
 from .backbone import Backbone, BackboneError
 from .sampler import MethodSampler

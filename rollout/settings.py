@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from tpdm_rl.config import Config
+from tpdm_rl.console import warn
 from tpdm_rl.tpm_file import BACKBONE_KEYS, ROLLOUT_KEYS, checkpoint_error
-from tpdm_rl.utils import warn
 
 from .backbone import Backbone
 from .toy import toy_backbone_path

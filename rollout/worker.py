@@ -13,11 +13,12 @@ from collections import OrderedDict
 import torch
 
 from tpdm_rl.config import Config
+from tpdm_rl.devices import DTYPES
 from tpdm_rl.messages import ImageBatch, RolloutSummary, RolloutTask, StepRows
 from tpdm_rl.policy import build_policy
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.threads import apply_threads
-from tpdm_rl.utils import DTYPES, PhaseTimer
+from tpdm_rl.timing import PhaseTimer
 
 from .backbone import Backbone
 from .engine import ReferenceRequest, SamplingEngine

@@ -13,7 +13,8 @@ import torch
 from conftest import run_cli_in_process, small_overrides
 
 import tpdm_rl.checkpoint as checkpoint_mod
-from tpdm_rl.config import ConfigError, load_config
+from tpdm_rl.config import ConfigError
+from tpdm_rl.config_io import load_config
 from tpdm_rl.controller import Controller
 
 

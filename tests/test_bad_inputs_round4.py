@@ -248,7 +248,7 @@ def test_a_forced_family_that_does_not_fit_the_folder_is_one_line(tiny_backbone_
 def test_cuda_without_a_gpu_and_an_absurd_size_are_one_line(toy_run, tmp_path, monkeypatch):
     import torch
 
-    from tpdm_rl.utils import DeviceError, resolve_device
+    from tpdm_rl.devices import DeviceError, resolve_device
 
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="'cuda' requested but this machine has 0 CUDA"):

@@ -15,10 +15,10 @@ import torch
 from conftest import run_cli_in_process, small_overrides
 
 from tpdm_rl.cli import main
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
 from tpdm_rl.controller import Controller
+from tpdm_rl.metrics_reader import read_metrics
 from tpdm_rl.runfolder import RunFolder
-from tpdm_rl.utils import read_metrics
 
 
 def _sets(over: list[str]) -> list[str]:

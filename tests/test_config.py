@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tpdm_rl.config import ConfigError, load_config
+from tpdm_rl.config import ConfigError
+from tpdm_rl.config_io import load_config
 
 
 def _err(tmp_path, text, overrides=()):

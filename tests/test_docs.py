@@ -7,13 +7,13 @@ import shutil
 import pytest
 from conftest import small_overrides
 
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
 from tpdm_rl.controller import Controller
 from tpdm_rl.metrics import METRICS, metric_info, metric_unit
+from tpdm_rl.metrics_reader import read_metrics
 from tpdm_rl.reference import GENERATED, ROOT, config_markdown, main, stale
 from tpdm_rl.reward_registry import BUILTIN_MODULES, reward_names
 from tpdm_rl.summary import summary_unit
-from tpdm_rl.utils import read_metrics
 
 #: catalogue keys an ordinary iteration without faults does not log
 CONDITIONAL = {"health/nonfinite_reward", "reward/<name>_<extra>"}

@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
 from tpdm_rl.learner import Learner
 from tpdm_rl.messages import LearnBatch
 from tpdm_rl.policy import TimePredictionModule, TPMSpec

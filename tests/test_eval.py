@@ -176,7 +176,7 @@ def test_tpm_inference_mode_mean_and_sample(backbone):
 # ------------------------------------------------------------------ eval / sample / export end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
-    from tpdm_rl.config import load_config
+    from tpdm_rl.config_io import load_config
     from tpdm_rl.controller import Controller
 
     out = tmp_path_factory.mktemp("evalrun")

@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_rl.rewards"}
 LAYERS: dict[str, int] = {
-    "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.utils": 0, "tpdm_rl.config": 0, "tpdm_rl.prompts": 0,
+    "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.config": 0, "tpdm_rl.config_io": 0, "tpdm_rl.devices": 0, "tpdm_rl.files": 0,
+    "tpdm_rl.timing": 0, "tpdm_rl.metrics_reader": 0, "tpdm_rl.prompts": 0,
     "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.tables": 0, "tpdm_rl.rewards": 0,
     "tpdm_rl.reward_registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
@@ -29,6 +30,7 @@ LAYERS: dict[str, int] = {
     "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.toy": 0, "tpdm_rl.rewards.*": 2,
     "tpdm_rl.builders": 2, "tpdm_rl.builders.*": 2,
     "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.tpm_file": 2, "tpdm_rl.metrics": 2,
+    "tpdm_rl.metrics_logger": 2,
     "tpdm_rl.summary": 2,
     "tpdm_rl.resources": 2,
     "tpdm_rl.controller": 3, "tpdm_rl.sanity": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
@@ -227,7 +229,7 @@ def test_the_cli_and_config_checks_load_no_model_library():
     import subprocess
     import sys
 
-    code = ("import sys; from tpdm_rl.cli import build_parser; build_parser(); from tpdm_rl.config import load_config; "
+    code = ("import sys; from tpdm_rl.cli import build_parser; build_parser(); from tpdm_rl.config_io import load_config; "
             "from tpdm_rl.prompts import load_prompts; c = load_config('configs/toy.yaml'); "
             "load_prompts(c.rollout.prompts); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray', 'deepspeed', 'matplotlib') "

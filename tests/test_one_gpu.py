@@ -18,9 +18,9 @@ from conftest import small_overrides
 from own_ray import run_own_ray
 
 from tpdm_rl.builders.reward_fixtures import make_all
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
+from tpdm_rl.metrics_reader import read_metrics
 from tpdm_rl.resources import role_bundles, total
-from tpdm_rl.utils import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

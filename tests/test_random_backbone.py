@@ -190,7 +190,7 @@ def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp
     stored features: one rollout task with the TPM and one learner update; shapes, dtypes, bytes per step."""
     from tpdm_rl.rollout.worker import RolloutWorker
 
-    from tpdm_rl.config import load_config
+    from tpdm_rl.config_io import load_config
     from tpdm_rl.learner import Learner
     from tpdm_rl.messages import LearnBatch, RolloutTask
 

@@ -8,9 +8,9 @@ from conftest import small_overrides
 from tpdm_rl.rewards import RewardError
 
 from tpdm_rl.builders.reward_fixtures import make_all
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
 from tpdm_rl.controller import Controller
-from tpdm_rl.utils import read_metrics
+from tpdm_rl.metrics_reader import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli_in_process, small_overrides
 from own_ray import end_group, own_ray_env, run_own_ray, short_temp_dir
 
-from tpdm_rl.config import load_config
+from tpdm_rl.config_io import load_config
 from tpdm_rl.resources import trial_bundles
 from tpdm_rl.sweep.plan import SweepError, expand_trials, parse_grid, parse_random, plan_sweep
 from tpdm_rl.sweep.report import best_under_budget, pareto_front

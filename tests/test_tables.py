@@ -86,7 +86,7 @@ def test_sigmas_method_follows_its_table_exactly(backbone):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
-    from tpdm_rl.config import load_config
+    from tpdm_rl.config_io import load_config
     from tpdm_rl.controller import Controller
 
     out = tmp_path_factory.mktemp("tablesrun")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, config_changes
+from .config import Config, ConfigError
+from .config_io import config_changes
 from .console import disk_full, warn
+from .files import replace_folder, write_text_atomic
 from .policy import TimePredictionModule
 from .tpm_file import TPM_FILE, CheckpointError, load_tpm, save_tpm
-from .utils import replace_folder, write_text_atomic
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
@@ -118,7 +119,7 @@ def resume_consent(ckpt: dict | None, cfg: Config, allow_config_change: list[str
 
     Why: a resumed run should match an uninterrupted one. A missing optimizer state needs ``--fresh-optimizer``
     and a changed objective or trajectory key needs ``--allow-config-change KEY``; anything else is refused with
-    one line that names the flag (``RESUME_FREE_KEYS`` in config.py may change freely).
+    one line that names the flag (``RESUME_FREE_KEYS`` in config_io.py may change freely).
     """
     if ckpt is None:
         return {}

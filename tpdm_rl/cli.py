@@ -63,7 +63,7 @@ class RunUnhealthy(RuntimeError):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import check_config_keys, load_config
+    from .config_io import check_config_keys, load_config
 
     cfg = load_config(args.config, args.set)  # config errors answer before any model library loads
     if args.allow_config_change and not args.resume:

@@ -12,7 +12,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import Config, RewardSpec, config_to_yaml, load_config
+from .config import Config, RewardSpec
+from .config_io import config_to_yaml, load_config
 from .prompts import load_prompts
 
 

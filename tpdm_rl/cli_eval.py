@@ -164,8 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_eval_output(Path(args.output), args.overwrite)
     apply_threads(args.threads, "eval")
     from .cli import _quiet_libraries
+    from .devices import check_device
     from .evaluation import evaluate
-    from .utils import check_device
 
     check_device("--device", args.device)  # no accelerator: one line before the checkpoint loads
 
@@ -206,7 +206,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     apply_threads(args.threads, "sample")
     from tpdm_rl.rollout.pipeline import TPDMPipeline
 
-    from .utils import check_device
+    from .devices import check_device
 
     check_device("--device", args.device)
 

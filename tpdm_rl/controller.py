@@ -25,18 +25,21 @@ from tpdm_rl.rewards.composition import RewardSet
 from tpdm_rl.rng import derive_key
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_consent, save_checkpoint
-from .config import Config, ConfigError, config_to_yaml
+from .config import Config, ConfigError
+from .config_io import config_to_yaml
+from .console import warn
+from .devices import check_device
 from .executors.base import Executor, FatalRoleError
 from .executors.local import LocalExecutor
 from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
 from .messages import RolloutTask
-from .metrics import MetricsLogger
+from .metrics_logger import MetricsLogger
 from .objective import StepPenalty, compose_reward, grpo_advantages
 from .policy import TimePredictionModule, build_policy
 from .prompts import PromptSampler, load_prompts
 from .runfolder import RunFolder
 from .threads import apply_threads
-from .utils import PhaseTimer, check_device, warn
+from .timing import PhaseTimer
 
 
 @dataclass

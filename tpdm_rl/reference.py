@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_config import markdown_reference
-from .config import RESUME_FREE_KEYS
+from .config_io import RESUME_FREE_KEYS
 from .metrics import metrics_markdown
 from .reward_registry import reward_class, reward_names, reward_option_defaults
 
@@ -34,7 +34,7 @@ def config_markdown() -> str:
     out = [keys.rstrip("\n"), "", "## Keys that may change on resume", "",
            "`tpdm-rl train --resume` compares the new config with the checkpoint's. These keys (`*` matches any "
            "characters) may change freely; they set layout, devices, logging and length, not the objective "
-           "or the trajectories (`RESUME_FREE_KEYS` in `tpdm_rl/config.py`):", ""]
+           "or the trajectories (`RESUME_FREE_KEYS` in `tpdm_rl/config_io.py`):", ""]
     out += [f"- `{k}`" for k in RESUME_FREE_KEYS]
     out += ["", "Any other change is refused with one line per changed key (`old -> new`) unless it is named in "
             "`--allow-config-change KEY [KEY ...]`; an accepted change is recorded in `DIR/history.jsonl`.", "",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .config import Config
 from .metrics import metric_unit
+from .metrics_reader import FINAL_WINDOW, final_window, read_metrics
 from .step_penalty import StepPenalty
-from .utils import FINAL_WINDOW, final_window, read_metrics
 
 
 def summarize(metrics_path: Path, cfg: Config | None = None) -> str:

@@ -57,7 +57,8 @@ from transformers import (
 )
 
 from tpdm_rl.defaults import FLUX_PRESETS, PRESETS
-from tpdm_rl.utils import DTYPE_ALIASES, DTYPES, replace_folder, write_json_atomic
+from tpdm_rl.devices import DTYPE_ALIASES, DTYPES
+from tpdm_rl.files import replace_folder, write_json_atomic
 
 from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
 

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from tpdm_rl.utils import replace_folder
+from tpdm_rl.files import replace_folder
 
 from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from tpdm_rl.utils import replace_folder
+from tpdm_rl.files import replace_folder
 
 from .random_backbone import scheduler_config
 from .tiny_backbone import tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae

@@ -44,11 +44,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from tpdm_rl.files import replace_folder
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.toy import TOY_MARKER, shipped_toy_dir
 from tpdm_rl.threads import apply_threads
 from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, prompt_set, render, sample_scene
-from tpdm_rl.utils import replace_folder
 
 from .tokenizers import WORD_START, byte_symbols, character_pieces, clip_tokenizer, t5_tokenizer
 

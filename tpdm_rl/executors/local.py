@@ -9,12 +9,12 @@ import torch
 
 from tpdm_rl.checkpoint import CheckpointError
 from tpdm_rl.config import Config
+from tpdm_rl.devices import resolve_device
 from tpdm_rl.learner import Learner
 from tpdm_rl.messages import LearnBatch, RolloutTask
 from tpdm_rl.policy import TimePredictionModule, TPMSpec, build_policy
 from tpdm_rl.rewards.worker import RewardWorker
 from tpdm_rl.rollout.worker import RolloutWorker
-from tpdm_rl.utils import resolve_device
 
 from .base import Executor, RolloutPhase, task_advantages
 

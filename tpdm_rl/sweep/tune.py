@@ -14,8 +14,9 @@ from tpdm_rl.builders.tiny_backbone import run_backbone_path
 from tpdm_rl.config import Config
 from tpdm_rl.controller import Controller
 from tpdm_rl.executors.ray_pool import init_ray
+from tpdm_rl.files import read_json, write_json_atomic
+from tpdm_rl.metrics_reader import final_window, finite, read_metrics
 from tpdm_rl.resources import describe, shortfall, total, trial_bundles
-from tpdm_rl.utils import final_window, finite, read_json, read_metrics, write_json_atomic
 
 from .plan import DONE_FILE, PLAN_FILE, TRIAL_FILE, SweepError, TrialSpec, first_diff, plan_sweep
 from .report import collect_report, fmt, write_report
