@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_rl.rewards"}
 LAYERS: dict[str, int] = {
     "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.config": 0, "tpdm_rl.config_io": 0, "tpdm_rl.devices": 0, "tpdm_rl.files": 0,
-    "tpdm_rl.timing": 0, "tpdm_rl.metrics_reader": 0, "tpdm_rl.prompts": 0,
+    "tpdm_rl.timing": 0, "tpdm_rl.metrics_reader": 0, "tpdm_rl.eval_output": 0, "tpdm_rl.prompts": 0,
     "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.tables": 0, "tpdm_rl.rewards": 0,
     "tpdm_rl.reward_registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
     "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
@@ -131,19 +131,23 @@ def _inside(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-def separation_violations(mods: dict[str, tuple[Path, bool]]) -> list[str]:
-    """Imports (top-level or inside functions) from rollout/ or rewards/ into each other or into the builders."""
+def forbidden_imports(mods: dict[str, tuple[Path, bool]], forbidden_for) -> list[str]:
+    """Imports (top-level or inside functions) of a package that ``forbidden_for(module)`` names, one per line."""
     bad = []
     for name, (path, is_pkg) in mods.items():
-        for package, forbidden in SEPARATE.items():
-            if not _inside(name, package):
-                continue
-            found: dict[int, str] = {}  # line -> the module it imports (one entry per import statement)
-            for target, line, _ in imports_of(name, path, is_pkg):
-                if any(_inside(target, f) for f in forbidden):
-                    found.setdefault(line, target)
-            bad += [f"{path}:{line}: {name} imports {target}" for line, target in sorted(found.items())]
+        forbidden = forbidden_for(name)
+        found: dict[int, str] = {}  # line -> the module it imports (one entry per import statement)
+        for target, line, _ in imports_of(name, path, is_pkg) if forbidden else ():
+            if any(_inside(target, f) for f in forbidden):
+                found.setdefault(line, target)
+        bad += [f"{path}:{line}: {name} imports {target}" for line, target in sorted(found.items())]
     return bad
+
+
+def separation_violations(mods: dict[str, tuple[Path, bool]]) -> list[str]:
+    """Imports from rollout/ or rewards/ into each other or into the builders."""
+    return forbidden_imports(mods, lambda name: tuple(f for package, forbidden in SEPARATE.items()
+                                                      if _inside(name, package) for f in forbidden))
 
 
 def test_rollout_and_rewards_import_neither_each_other_nor_a_builder():
@@ -161,20 +165,12 @@ def test_the_separation_check_sees_a_violation(tmp_path):
 
 
 def builder_violations(mods: dict[str, tuple[Path, bool]]) -> list[str]:
-    """Imports (top-level or inside functions) of ``tpdm_rl.builders`` by the runtime: every module below the
-    applications (layers 0-3: the core, rollout/, rewards/, the controller and the executors) but the builders
-    themselves. The applications (``tpdm-rl train``, the sweep trials) resolve ``backbone.path`` (an empty one
-    builds the tiny backbone) and hand the controller the result."""
-    bad = []
-    for name, (path, is_pkg) in mods.items():
-        if layer_of(name) > 3 or _inside(name, "tpdm_rl.builders"):
-            continue
-        found: dict[int, str] = {}
-        for target, line, _ in imports_of(name, path, is_pkg):
-            if _inside(target, "tpdm_rl.builders"):
-                found.setdefault(line, target)
-        bad += [f"{path}:{line}: {name} imports {target}" for line, target in sorted(found.items())]
-    return bad
+    """Imports of ``tpdm_rl.builders`` by the runtime: every module below the applications (layers 0-3: the core,
+    rollout/, rewards/, the controller and the executors) but the builders themselves. The applications
+    (``tpdm-rl train``, the sweep trials) resolve ``backbone.path`` (an empty one builds the tiny backbone) and hand
+    the controller the result."""
+    return forbidden_imports(mods, lambda name: () if layer_of(name) > 3 or _inside(name, "tpdm_rl.builders")
+                             else ("tpdm_rl.builders",))
 
 
 def test_the_runtime_imports_no_builder():

@@ -23,7 +23,8 @@ from tpdm_rl.reward_registry import reward_info
 from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, check_toy_prompts
 from tpdm_rl.tables import load_family
 
-from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_OUTPUT_FILES, MAX_SIZE, MIN_SIZE
+from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, MAX_SIZE, MIN_SIZE
+from .eval_output import check_output
 from .prompts import load_prompts
 from .threads import apply_threads
 
@@ -124,17 +125,6 @@ def _check_toy_prompts_early(args: argparse.Namespace, prompts: list[str]) -> No
         check_toy_prompts(backbone, prompts)
 
 
-def _check_eval_output(out: Path, overwrite: bool) -> None:
-    """The same refusals as ``evaluation.run.check_output``, before torch loads."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--output {str(out)!r} is a file; expected a folder for results.json/.md and the "
-                              "figures")
-    earlier = [n for n in EVAL_OUTPUT_FILES if (out / n).exists()] if out.is_dir() else []
-    if earlier and not overwrite:
-        raise FileExistsError(f"--output {str(out)!r} holds an earlier evaluation ({', '.join(earlier[:3])}); pass "
-                              "--overwrite to replace it, or choose another folder")
-
-
 @_usage_errors
 def cmd_eval(args: argparse.Namespace) -> int:
     pareto = _int_list(args.pareto_steps, "--pareto-steps")
@@ -161,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, toy="shapes" in names)
     _check_checkpoint(args)
     _check_toy_prompts_early(args, prompts[:args.limit] if args.limit else prompts)
-    _check_eval_output(Path(args.output), args.overwrite)
+    check_output(Path(args.output), args.overwrite)  # before torch loads
     apply_threads(args.threads, "eval")
     from .cli import _quiet_libraries
     from .devices import check_device

@@ -21,6 +21,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_COMPLETE, EVAL_OUTPUT_FILES
+from tpdm_rl.eval_output import check_output
 from tpdm_rl.methods import Method, parse_method, parse_methods
 from tpdm_rl.prompts import load_prompts
 from tpdm_rl.reward_registry import RewardError, build_reward
@@ -373,21 +374,6 @@ def _write_outputs(out_dir: Path, report: dict, results: dict[str, MethodResult]
     if report["complexity"] is not None:
         plot_complexity(out_dir / "steps_vs_complexity.png", report)
     (out_dir / COMPLETE).write_text(f"evaluation complete {report['created']}\n")  # last: marks a whole folder
-
-
-class EvalOutputError(RuntimeError):
-    """The eval output cannot be used (a file, or an earlier evaluation without overwrite)."""
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a folder holding an earlier evaluation unless ``overwrite`` (before any work)."""
-    if out.exists() and not out.is_dir():
-        raise EvalOutputError(f"--output {str(out)!r} is a file; expected a folder for results.json/.md and the "
-                              "figures")
-    earlier = [n for n in OUTPUT_FILES if (out / n).exists()] if out.is_dir() else []
-    if earlier and not overwrite:
-        raise EvalOutputError(f"--output {str(out)!r} holds an earlier evaluation ({', '.join(earlier[:3])}); pass "
-                              "--overwrite to replace it, or choose another folder")
 
 
 def compare_tpm(results: dict[str, MethodResult], tables: dict[int, str] | None = None) -> dict | None:
