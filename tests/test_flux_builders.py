@@ -246,3 +246,17 @@ def test_cli_help_lists_the_flux_presets():
     assert "flux-dev" in text and "flux-schnell" in text and "sd3-medium" in text
     assert "which SD3 or FLUX.1 checkpoint to imitate" in text
     assert "N double-stream and 2N single-stream blocks" in text
+
+
+def test_the_flux_shift_is_diffusers_formula_but_not_its_rounding():
+    """Issue 29 item 8: ``flux_shift_mu`` stays rather than diffusers' ``calculate_shift``. The same line through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), but diffusers evaluates it as
+    ``m * n + (base - m * base_n)``: the last bit differs for about a quarter of the token counts (64 tokens, a
+    128 px FLUX image, among them), so the swap would change sigma tables and results."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from tpdm_rl.rollout.families import flux_shift_mu
+
+    ours = [flux_shift_mu({}, n) for n in range(1, 20000)]
+    theirs = [calculate_shift(n) for n in range(1, 20000)]
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-15  # the same formula
+    assert sum(a != b for a, b in zip(ours, theirs)) > 1000 and ours[63] != theirs[63]  # not the same bits
