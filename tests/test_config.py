@@ -134,3 +134,13 @@ def test_tpdm_penalty_mode_needs_non_negative_rewards(tmp_path):
     assert load_config(None, ["step_penalty.mode=tpdm"]).step_penalty.mode == "tpdm"  # fidelity: non-negative
     with pytest.raises(ConfigError, match="tpdm"):
         load_config(None, ["step_penalty.mode=tpdm", "rewards.fidelity.normalize=group"])
+
+
+def test_the_places_experiment_config_validates_and_evaluates_on_held_out_places_prompts():
+    from tpdm_rl.config_io import load_config
+
+    cfg = load_config("configs/toy_places.yaml")
+    assert cfg.backbone.path == "builtin:toy-places" and cfg.rollout.prompts == "builtin:toy-places-train"
+    assert cfg.eval.enabled and cfg.eval.prompts == "builtin:toy-places-heldout" and cfg.eval.seeds == 2
+    assert cfg.eval.tables == "builtin:toy-places" and "tpm-mean" in cfg.eval.methods
+    assert cfg.policy.action == "stop-ratio" and cfg.policy.stop_sharpness == 3.0
