@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "toy_places_sweep"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iterations", type=int, default=None, help="override train.iterations (default: the config's)")
+    ap.add_argument("--extra", action="append", default=[], metavar="PRICE:ITERATIONS:RUN_DIR",
+                    help="also report a finished run of another length (e.g. a --resume continuation)")
     ap.add_argument("--collect-only", action="store_true",
                     help="no training: report the prices whose held-out evaluation is complete")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "toy_places_sweep.json"))
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(summarise(price, run_dir))
             continue
         rows.append(summarise(price, train_and_eval(price, out, args.threads, args.iterations)))
+    for spec in args.extra:
+        price, iterations, run_dir = spec.split(":", 2)
+        rows.append({**summarise(float(price), Path(run_dir).resolve()), "iterations": int(iterations)})
     report = {"command": "python benchmarks/toy_places_sweep.py " + " ".join(argv or sys.argv[1:]),
               "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": "configs/toy_places.yaml", "seconds_this_call": round(time.time() - t0, 1), "tpms": rows}
@@ -156,8 +161,9 @@ def plot(report: dict, path: Path) -> None:
     for i, t in enumerate(report["tpms"]):
         h = t["heldout"]
         c = f"C{(i + 3) % 10}"
+        extra = f", {t['iterations']} iterations" if t.get("iterations") else ""
         ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
-                    capsize=3, label=f"TPM, price {t['price']:g}")
+                    capsize=3, label=f"TPM, price {t['price']:g}{extra}")
         for x, y in ((p["nfe"], p["shapes"]) for p in h["tpm_mean"]):
             ax.plot([x], [y], "x", color=c, ms=8)
     ax.plot([], [], "x", color="k", label="each TPM's tpm-mean (its own mean schedule)")
