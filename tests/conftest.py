@@ -77,3 +77,16 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:  # argparse usage errors
             code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def cli_sets(over: list[str]) -> list[str]:
+    """``--set K=V`` pairs for a CLI call."""
+    return [a for kv in over for a in ("--set", kv)]
+
+
+def one_line_error(r, code=None) -> str:
+    """The single stderr line of a failed CLI run (warnings aside); asserts no traceback and the exit code."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("tpdm-rl: warning")]
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    return lines[0]

@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli_in_process, small_overrides
+from conftest import cli_sets, one_line_error, run_cli_in_process, small_overrides
 
 import tpdm_rl.checkpoint as checkpoint_mod
 from tpdm_rl.config import ConfigError
 from tpdm_rl.config_io import load_config
 from tpdm_rl.controller import Controller
 
-
-def _sets(over: list[str]) -> list[str]:
-    return [a for kv in over for a in ("--set", kv)]
-
-
-def _one_line(r, code=None) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("tpdm-rl: warning")]
-    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
-    return lines[0]
+_sets, _one_line = cli_sets, one_line_error
 
 
 def _train_args(out, backbone, *extra, **over):

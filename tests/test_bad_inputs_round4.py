@@ -10,20 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli_in_process, small_overrides
+from conftest import cli_sets, one_line_error, run_cli_in_process, small_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _sets(over: list[str]) -> list[str]:
-    return [a for kv in over for a in ("--set", kv)]
-
-
-def _one_line(r, code=None) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("tpdm-rl: warning")]
-    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
-    return lines[0]
+_sets, _one_line = cli_sets, one_line_error
 
 
 #: a 1-iteration run on the shipped toy backbone, as small as it gets
