@@ -58,7 +58,9 @@ def test_time_limit_stops_it_and_keeps_what_it_has(tmp_path):
     r, res, md = dry_run(tmp_path, "--time-limit", "35")
     assert r.returncode == 1
     assert res["stopped_at_time_limit"] and res["elapsed_s"] < 90
-    assert res["steps"]["gpu_tests"]["status"] == "ok"  # finished before the limit: kept
-    later = [s["status"] for name, s in res["steps"].items() if name != "gpu_tests"]
+    statuses = [s["status"] for s in res["steps"].values()]
+    n_ok = next((i for i, s in enumerate(statuses) if s != "ok"), len(statuses))
+    assert n_ok >= 1, res["steps"]  # the pytest step finished before the limit: kept (a fast machine finishes more)
+    later = statuses[n_ok:]  # from the first step the limit cut: nothing else ran
     assert later and all(s.startswith(("timed out", "skipped")) for s in later), res["steps"]
     assert "stopped at the time limit" in md
