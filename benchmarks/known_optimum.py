@@ -1,4 +1,4 @@
-"""Known-optimum world (tpdm_rl/sanity.py): which settings let the learning find a per-class step count.
+"""Known-optimum world (tpdm_rl/training/sanity.py): which settings let the learning find a per-class step count.
 
 Each row trains one TPM per seed with the config's defaults (stop-ratio action) changed in one setting, and reports
 per-class mean NFE on held-out prompts under deterministic (`mode`) and sampled (`sample`) inference, the share of
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tpdm_rl.sanity import SanityWorld, sanity_config, train_sanity
+from tpdm_rl.training.sanity import SanityWorld, sanity_config, train_sanity
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -292,7 +292,7 @@ def environment(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------- learner and weight sync
 def learn_batch(rows: int, channels: int, grid: int, temb_dim: int, seed: int = 0):
     """A LearnBatch of ``rows`` random steps, features and temb in the storage dtype (built in chunks)."""
-    from tpdm_rl.messages import LearnBatch
+    from tpdm_rl.algorithm.messages import LearnBatch
 
     g = torch.Generator().manual_seed(seed)
     features = torch.empty(rows, channels, grid, grid, dtype=STORAGE_DTYPE)
@@ -307,8 +307,8 @@ def learn_batch(rows: int, channels: int, grid: int, temb_dim: int, seed: int = 
 
 def measure_learner(cfg, s: dict, hidden: int, n_blocks: int, device: torch.device) -> dict:
     """Time and peak memory of ``Learner.update`` on one iteration's rows (features of the real shape)."""
-    from tpdm_rl.learner import Learner
-    from tpdm_rl.policy import build_policy
+    from tpdm_rl.algorithm.policy import build_policy
+    from tpdm_rl.training.learner import Learner
 
     steps = expected_steps(cfg.policy.init_ratio, cfg.policy.init_concentration, cfg.rollout.sigma_min,
                            cfg.rollout.max_steps)
@@ -351,7 +351,7 @@ def measure_learner(cfg, s: dict, hidden: int, n_blocks: int, device: torch.devi
 
 def measure_weight_sync(cfg, s: dict, hidden: int, n_blocks: int) -> dict:
     """Serialising the TPM's CPU state dict as Ray's object store does (cloudpickle dumps + loads)."""
-    from tpdm_rl.policy import build_policy
+    from tpdm_rl.algorithm.policy import build_policy
 
     try:
         from ray import cloudpickle as serializer
@@ -405,7 +405,7 @@ def build_backbone(s: dict, cfg, workdir: Path, device: torch.device) -> tuple[A
 def _same_build(path: Path, s: dict) -> bool:
     """Whether ``path`` already holds the random backbone this run asks for (``--workdir`` reuse across runs)."""
     from tpdm_rl.builders.random_backbone import MARKER
-    from tpdm_rl.files import read_json
+    from tpdm_rl.core.files import read_json
 
     marker = read_json(path / MARKER)
     if not isinstance(marker, dict):
@@ -490,7 +490,7 @@ def measure_call(bb, res: int, bs: int, repeats: int) -> dict:
 
 
 def make_tpm(bb, s: dict) -> torch.nn.Module:
-    from tpdm_rl.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
 
     torch.manual_seed(0)
     spec = TPMSpec(in_channels=bb.feature_channels, temb_dim=bb.temb_dim, grid=bb.feature_grid,
@@ -504,7 +504,7 @@ def run_once(bb, tpm, res: int, bs: int, continuous: bool, s: dict) -> dict:
     from tpdm_rl.rollout.engine import SamplingEngine
     from tpdm_rl.rollout.schedules import TPMSchedule
 
-    from tpdm_rl.rng import derive_key
+    from tpdm_rl.core.rng import derive_key
 
     n = s["trajectories_per_slot"] * bs
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
@@ -792,10 +792,10 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tpdm_rl.builders.random_backbone import configs
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.devices import resolve_device
-    from tpdm_rl.files import write_json_atomic
-    from tpdm_rl.threads import apply_threads
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.core.devices import resolve_device
+    from tpdm_rl.core.files import write_json_atomic
+    from tpdm_rl.core.threads import apply_threads
 
     device = resolve_device(args.device)
     apply_threads(args.threads, "benchmark")

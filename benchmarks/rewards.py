@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--real-resolution", type=int, default=1024)
     ap.add_argument("--output", default="benchmarks/results/rewards.json")
     args = ap.parse_args()
-    from tpdm_rl.threads import apply_threads
+    from tpdm_rl.core.threads import apply_threads
 
     apply_threads(args.threads, "benchmark")
 

@@ -47,10 +47,10 @@ def main() -> None:
     from tpdm_rl.rollout.engine import SamplingEngine
     from tpdm_rl.rollout.schedules import TPMSchedule
 
+    from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
     from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
-    from tpdm_rl.policy import TimePredictionModule, TPMSpec
-    from tpdm_rl.rng import derive_key
-    from tpdm_rl.threads import apply_threads
+    from tpdm_rl.core.rng import derive_key
+    from tpdm_rl.core.threads import apply_threads
 
     threads = apply_threads(args.threads, "benchmark")  # before any torch work: the backbone load already uses the pool
     path = args.backbone or str(make_tiny_backbone(Path(tempfile.mkdtemp()) / "tiny", seed=0))

@@ -32,8 +32,8 @@ from tpdm_rl.builders.toy_backbone import (
     plot_loss,
     train_transformer,
 )
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.toyworld import prompt_set
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.toyworld import prompt_set
 
 
 def main(argv: list[str] | None = None) -> int:

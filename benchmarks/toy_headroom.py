@@ -8,10 +8,10 @@ Three stages, all scored with the exact ``shapes`` reward, one image per prompt 
 (``tpdm_rl.evaluation.run.noise_seed(i, 0)``; every table samples the same noises, so differences are paired):
 
 1. **Tables** (training-split prompts only, never the held-out set): for every NFE in ``--nfe`` the best of the
-   shift family and the two-phase family (``tpdm_rl.tables``; the candidates of ``benchmarks/toy_tables.py``, with
+   shift family and the two-phase family (``tpdm_rl.core.tables``; the candidates of ``benchmarks/toy_tables.py``, with
    the first phase capped at ``A_MAX`` steps to keep the selection near 10 minutes) on
    ``toyworld.prompt_set(SEED, COUNT, "train", places=True)`` (kinds balanced). ``--write-family PATH`` stores the
-   choice in the format ``tpdm_rl.tables.load_family`` reads; ``--family PATH`` reuses a stored choice instead.
+   choice in the format ``tpdm_rl.core.tables.load_family`` reads; ``--family PATH`` reuses a stored choice instead.
 2. **Score matrix** on the held-out prompts: every prompt once with every chosen table, S[i, n]; the mean curve
    per class with SE and counts.
 3. **The gate** (:func:`cv_sweep`): for every lambda (cost per NFE), on fold A choose per class
@@ -44,13 +44,13 @@ from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.toy import BUILTIN_TOY, TOY_MARKER, toy_backbone_path, toy_text_len
 
+from tpdm_rl.core.methods import Method
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.tables import load_family, shift_table, two_phase_table
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.toyworld import MAX_OBJECTS, ambiguity, parse_prompt, prompt_set
 from tpdm_rl.evaluation.compare import at_equal_nfe
 from tpdm_rl.evaluation.run import noise_seed
-from tpdm_rl.methods import Method
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.tables import load_family, shift_table, two_phase_table
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.toyworld import MAX_OBJECTS, ambiguity, parse_prompt, prompt_set
 
 #: the candidate families of benchmarks/toy_tables.py; the two-phase tables take at most A_MAX steps to the knee
 #: (per NFE >= 4: 4 shift + 9 two-phase tables; 435 image-steps per training prompt over NFE 1..8)

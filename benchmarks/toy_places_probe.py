@@ -22,9 +22,9 @@ import torch
 from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.toy import toy_backbone_path
 
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.rng import keyed_normal_noise
-from tpdm_rl.toyworld import ambiguity
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.rng import keyed_normal_noise
+from tpdm_rl.core.toyworld import ambiguity
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,9 +24,9 @@ from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.toyworld import parse_prompt
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.toyworld import parse_prompt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,12 @@ from tpdm_rl.rollout.backbone import Backbone
 from tpdm_rl.rollout.sampler import MethodSampler
 from tpdm_rl.rollout.toy import BUILTIN_TOY, toy_backbone_path, toy_text_len
 
+from tpdm_rl.core.methods import Method
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.toyworld import prompt_set
 from tpdm_rl.evaluation.run import noise_seed
-from tpdm_rl.methods import Method
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.tables import TOY_TABLES_FILE, load_family, shift_table, two_phase_table
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.toyworld import prompt_set
 
 #: the simple tables of issue 20's table (hand-made, not tuned on any prompt set)
 SIMPLE = {4: (1.0, 0.9, 0.75, 0.5, 0.0), 5: (1.0, 0.95, 0.9, 0.6, 0.3, 0.0),

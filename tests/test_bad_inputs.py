@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import cli_sets, one_line_error, run_cli_in_process, small_overrides
 
-import tpdm_rl.checkpoint as checkpoint_mod
-from tpdm_rl.config import ConfigError
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
+import tpdm_rl.training.checkpoint as checkpoint_mod
+from tpdm_rl.core.config import ConfigError
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.training.controller import Controller
 
 _sets, _one_line = cli_sets, one_line_error
 
@@ -222,7 +222,7 @@ def test_the_controller_takes_a_resolved_backbone_path(tmp_path, tiny_backbone_d
     tiny = empty.model_copy(update={"backbone": empty.backbone.model_copy(update={"tiny_dir": tiny_backbone_dir})})
     assert run_backbone_path(tiny, tmp_path / "run") == str(Path(tiny_backbone_dir).resolve())  # built already
     calls = []
-    monkeypatch.setattr("tpdm_rl.controller.make_executor", lambda *a: calls.append(a[1]) or (_ for _ in ()).throw(
+    monkeypatch.setattr("tpdm_rl.training.controller.make_executor", lambda *a: calls.append(a[1]) or (_ for _ in ()).throw(
         RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):  # a callable is called after the checks, its result used
         Controller(empty, output=tmp_path / "run2", backbone_path=lambda: tiny_backbone_dir)
@@ -253,7 +253,7 @@ def test_prompts_outside_the_toy_grammar_fail_at_start_up_naming_their_line(tmp_
     import time
 
     import tpdm_rl.builders.tiny_backbone as tiny_mod
-    import tpdm_rl.controller as controller_mod
+    import tpdm_rl.training.controller as controller_mod
 
     def no_model(*a, **k):
         raise AssertionError("the backbone was reached: the prompts were not checked at start-up")
@@ -301,7 +301,7 @@ def test_prompts_outside_the_toy_grammar_answer_before_torch_loads(tmp_path):
 
 
 def test_the_toy_grammar_is_checked_only_with_the_shapes_reward(tmp_path):
-    from tpdm_rl.prompts import load_prompts
+    from tpdm_rl.core.prompts import load_prompts
 
     prompts = tmp_path / "p.txt"
     prompts.write_text(BAD_TOY_PROMPTS)

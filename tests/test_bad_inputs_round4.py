@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory, tiny_backbone_dir):
 
 # ---------------------------------------------------------------------------- BAD 1: two evals into one folder
 def test_a_second_eval_into_a_folder_in_use_is_refused_at_once(tiny_run, tmp_path):
-    from tpdm_rl.runfolder import lock_folder, unlock_folder
+    from tpdm_rl.training.runfolder import lock_folder, unlock_folder
 
     out = tmp_path / "eval"
     held = lock_folder(out, "eval folder", "wait")  # what a running `tpdm-rl eval` holds (another open file)
@@ -82,7 +82,7 @@ def test_a_second_eval_into_a_folder_in_use_is_refused_at_once(tiny_run, tmp_pat
 
 # ---------------------------------------------------------------------------- BAD 2: builtin backbone names
 def test_builtin_backbones_are_accepted_and_recorded_by_name(toy_run, tmp_path):
-    from tpdm_rl.tpm_file import locate_tpm, read_tpm_meta
+    from tpdm_rl.training.tpm_file import locate_tpm, read_tpm_meta
 
     meta = json.loads(read_tpm_meta(locate_tpm(toy_run))["inference"])
     assert meta["backbone_path"] == "builtin:toy", meta["backbone_path"]  # not the clone's absolute path
@@ -214,7 +214,7 @@ def test_sample_refuses_prompts_outside_the_toy_backbones_world_before_loading(t
 def test_the_pipeline_refuses_prompts_outside_the_toy_world(toy_run):
     from tpdm_rl.rollout.pipeline import TPDMPipeline
 
-    from tpdm_rl.toyworld import PromptError
+    from tpdm_rl.core.toyworld import PromptError
 
     pipe = TPDMPipeline.from_pretrained(tpm=toy_run, device="cpu")
     with pytest.raises(PromptError, match="'a red apple on a table' is not in the toy grammar"):
@@ -234,7 +234,7 @@ def test_a_forced_family_that_does_not_fit_the_folder_is_one_line(tiny_backbone_
 def test_cuda_without_a_gpu_and_an_absurd_size_are_one_line(toy_run, tmp_path, monkeypatch):
     import torch
 
-    from tpdm_rl.devices import DeviceError, resolve_device
+    from tpdm_rl.core.devices import DeviceError, resolve_device
 
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="'cuda' requested but this machine has 0 CUDA"):
@@ -337,7 +337,7 @@ def test_the_eval_bar_moves_batch_by_batch_on_fixed_tables(monkeypatch):
     import torch
     from tpdm_rl.rollout.sampler import MethodSampler
 
-    from tpdm_rl.methods import Method
+    from tpdm_rl.core.methods import Method
 
     def fake(self, m, p, s, decode, table=None):
         n = len(p)

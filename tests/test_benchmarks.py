@@ -37,7 +37,7 @@ def load_real_size():
 def test_real_size_presets_pick_their_config_and_output_name():
     import torch
 
-    from tpdm_rl.config_io import load_config
+    from tpdm_rl.core.config_io import load_config
 
     rs = load_real_size()
     want = {"sd3-medium": ("configs/sd3_medium.yaml", "real_size_cpu.json", 24, 24),

@@ -15,10 +15,10 @@ import torch
 from conftest import run_cli_in_process, small_overrides
 
 from tpdm_rl.cli import main
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics_reader import read_metrics
-from tpdm_rl.runfolder import RunFolder
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.controller import Controller
+from tpdm_rl.training.runfolder import RunFolder
 
 
 def _sets(over: list[str]) -> list[str]:
@@ -59,7 +59,7 @@ def test_a_run_folder_is_never_silently_reused(tmp_path, tiny_backbone_dir):
 
 def test_a_run_folder_in_use_is_refused_with_its_owner(tmp_path, tiny_backbone_dir):
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tpdm_rl.runfolder import RunFolder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tpdm_rl.training.runfolder import RunFolder; "
                                f"held = RunFolder({str(out)!r}).acquire(resume=True, overwrite=False); print('held', "
                                "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -128,8 +128,8 @@ def test_bad_paths_and_values_are_one_line_errors(tmp_path, tiny_backbone_dir):
                                     "--set", "train.device=cuda", *over), 2)
     ck = tmp_path / "ck"
     ck.mkdir()
-    from tpdm_rl.policy import TimePredictionModule, TPMSpec
-    from tpdm_rl.tpm_file import save_tpm
+    from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.training.tpm_file import save_tpm
 
     save_tpm(TimePredictionModule(TPMSpec(in_channels=64, temb_dim=32, grid=4, hidden=16)), ck / "tpm.safetensors")
     (ck / "trainer_state.json").write_text("[1, 2]")

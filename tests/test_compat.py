@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import small_overrides
 
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics_reader import read_metrics
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.controller import Controller
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_v0_1"
 

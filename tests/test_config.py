@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tpdm_rl.config import ConfigError
-from tpdm_rl.config_io import load_config
+from tpdm_rl.core.config import ConfigError
+from tpdm_rl.core.config_io import load_config
 
 
 def _err(tmp_path, text, overrides=()):
@@ -106,7 +106,7 @@ def test_unknown_reward_option_names_the_key():
 
 
 def test_every_config_key_is_documented_and_docs_are_current():
-    from tpdm_rl.cli_config import config_reference, markdown_reference
+    from tpdm_rl.commands.config import config_reference, markdown_reference
 
     rows = config_reference()
     assert len(rows) > 60
@@ -119,7 +119,7 @@ def test_every_config_key_is_documented_and_docs_are_current():
     # docs/config.md opens with this table (the whole file is checked in tests/test_docs.py)
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     table = markdown_reference().split("\n| key |", 1)[1]
-    assert table in doc, "docs/config.md is stale: run python -m tpdm_rl.reference"
+    assert table in doc, "docs/config.md is stale: run python -m tpdm_rl.commands.reference"
 
 
 def test_config_explain_cli():
@@ -137,7 +137,7 @@ def test_tpdm_penalty_mode_needs_non_negative_rewards(tmp_path):
 
 
 def test_the_places_experiment_config_validates_and_evaluates_on_held_out_places_prompts():
-    from tpdm_rl.config_io import load_config
+    from tpdm_rl.core.config_io import load_config
 
     cfg = load_config("configs/toy_places.yaml")
     assert cfg.backbone.path == "builtin:toy-places" and cfg.rollout.prompts == "builtin:toy-places-train"

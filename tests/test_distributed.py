@@ -17,7 +17,7 @@ from conftest import small_overrides
 from own_ray import own_ray_head
 from safetensors.torch import load_file
 
-from tpdm_rl.metrics_reader import read_metrics
+from tpdm_rl.core.metrics_reader import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -89,7 +89,7 @@ def test_ray_job_submit_runs_the_tiny_job(straight_run):
 
 _DIE_WHILE_CHECKPOINTING = """
 import os, signal, sys
-import tpdm_rl.checkpoint as ck
+import tpdm_rl.training.checkpoint as ck
 real = ck.save_tpm
 def save_then_die(policy, path, extra_meta=None):
     real(policy, path, extra_meta)
@@ -149,8 +149,8 @@ def test_resume_with_different_worker_counts(ray_head, straight_run, tiny_backbo
 def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_head, straight_run, tiny_backbone_dir, tmp_path):
     import ray
 
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.controller import Controller
 
     cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir))
     tr = Controller(cfg, output=tmp_path / "faulty", address=ray_head["address"])
@@ -183,9 +183,9 @@ def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_head, straigh
 def test_actor_that_keeps_dying_stops_the_run_with_a_checkpoint(ray_head, tiny_backbone_dir, tmp_path):
     import ray
 
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
     from tpdm_rl.executors.base import FatalRoleError
+    from tpdm_rl.training.controller import Controller
 
     cfg = load_config("configs/tiny.yaml", _overrides(tiny_backbone_dir, **{
         "distributed.max_actor_restarts": 0, "checkpoint.every": 5, "distributed.rollout.num_workers": 1,
@@ -214,8 +214,8 @@ def test_reward_actor_pools_per_component(ray_head, tiny_backbone_dir, tmp_path)
     from tpdm_rl.rewards import RewardError
 
     from tpdm_rl.builders.reward_fixtures import make_all
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.controller import Controller
 
     fx = make_all(tmp_path / "fx")
     cfg_file = tmp_path / "cfg.yaml"
@@ -240,8 +240,8 @@ def test_ray_and_local_executors_run_the_same_algorithm(ray_head, tiny_backbone_
     """Parity: 1 rollout worker, 1 reward worker, 1 learner rank at ZeRO-0 vs one process (1 thread each)."""
     import ray
 
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.controller import Controller
 
     over = _overrides(tiny_backbone_dir, **{"train.iterations": 3, "distributed.rollout.num_workers": 1,
                                             "distributed.reward.num_workers": 1, "distributed.learner.num_ranks": 1,

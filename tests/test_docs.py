@@ -7,13 +7,13 @@ import shutil
 import pytest
 from conftest import small_overrides
 
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics import METRICS, metric_info, metric_unit
-from tpdm_rl.metrics_reader import read_metrics
-from tpdm_rl.reference import GENERATED, ROOT, config_markdown, main, stale
-from tpdm_rl.reward_registry import BUILTIN_MODULES, reward_names
-from tpdm_rl.summary import summary_unit
+from tpdm_rl.commands.reference import GENERATED, ROOT, config_markdown, main, stale
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.core.reward_registry import BUILTIN_MODULES, reward_names
+from tpdm_rl.training.controller import Controller
+from tpdm_rl.training.metrics import METRICS, metric_info, metric_unit
+from tpdm_rl.training.summary import summary_unit
 
 #: catalogue keys an ordinary iteration without faults does not log
 CONDITIONAL = {"health/nonfinite_reward", "reward/<name>_<extra>"}
@@ -22,7 +22,7 @@ CONDITIONAL = {"health/nonfinite_reward", "reward/<name>_<extra>"}
 def test_generated_references_are_current():
     if set(reward_names()) != set(BUILTIN_MODULES):
         pytest.skip("an optional reward dependency is missing here: the reward tables would differ")
-    assert stale() == [], "stale generated reference: run python -m tpdm_rl.reference"
+    assert stale() == [], "stale generated reference: run python -m tpdm_rl.commands.reference"
 
 
 def test_the_staleness_check_sees_an_edit(tmp_path):
@@ -51,11 +51,11 @@ def test_every_key_a_real_iteration_logs_is_in_the_catalogue(tmp_path, tiny_back
     (rec,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [it for it, _ in seen] == [0] and seen[0][1]["reward/total"] == rec["reward/total"]  # the callback
     unknown = [k for k in rec if metric_info(k) is None]
-    assert not unknown, f"metric keys missing from tpdm_rl/metrics.py METRICS: {unknown}"
+    assert not unknown, f"metric keys missing from tpdm_rl/training/metrics.py METRICS: {unknown}"
     patterns = {metric_info(k).key.replace("fidelity", "<name>") for k in rec}
     never = [m.key for m in METRICS if m.key not in CONDITIONAL and m.key not in patterns]
     assert not never, f"catalogue keys an iteration did not log: {never}"
-    # the run summary's units (tpdm_rl/summary.py) agree with the catalogue
+    # the run summary's units (tpdm_rl/training/summary.py) agree with the catalogue
     for k in rec:
         if summary_unit(k):
             assert metric_unit(k) == summary_unit(k), k

@@ -10,11 +10,11 @@ import socket
 import pytest
 import torch
 
-from tpdm_rl.config_io import load_config
-from tpdm_rl.learner import Learner
-from tpdm_rl.messages import LearnBatch
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
-from tpdm_rl.threads import apply_threads
+from tpdm_rl.algorithm.messages import LearnBatch
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.training.learner import Learner
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_json: str, weights: dict, i
                opt_state: dict | None, queue) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     apply_threads(1)
-    from tpdm_rl.ds_learner import LearnerRank
+    from tpdm_rl.training.ds_learner import LearnerRank
 
     lr = LearnerRank(rank, world, cfg_json, SPEC.to_dict())
     lr.setup("127.0.0.1", port, weights, opt_state)
@@ -130,7 +130,7 @@ def test_two_ranks_give_the_single_process_update(zero_stage, request):
 def test_zero_partitioned_optimizer_state_round_trips(zero1_two_ranks_two_updates):
     """ZeRO-1, 2 ranks: update, checkpoint every rank's partition, rebuild the group, update again ==
     two updates straight."""
-    from tpdm_rl.ds_learner import check_resumable, merge_rank_states
+    from tpdm_rl.training.ds_learner import check_resumable, merge_rank_states
 
     w0 = _initial_weights()
     straight = zero1_two_ranks_two_updates

@@ -3,8 +3,8 @@ import torch
 from tpdm_rl.rollout.engine import ReferenceRequest, SamplingEngine
 from tpdm_rl.rollout.schedules import FixedSchedule, TPMSchedule
 
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
-from tpdm_rl.rng import derive_key
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.core.rng import derive_key
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_forced_step_is_masked_whatever_its_action(backbone):
 
 
 def test_fixed_schedule_reproduces_diffusers_pipeline(backbone):
-    from tpdm_rl.rng import keyed_normal_noise
+    from tpdm_rl.core.rng import keyed_normal_noise
 
     eng = SamplingEngine(backbone, 64, 64, batch_size=2)
     ref = eng.run_fixed(["a red apple on a table", "a dog"], [3, 4], 8)

@@ -11,11 +11,11 @@ from conftest import small_overrides
 from tpdm_rl.rollout.baselines import adaptive_skip_mask
 from tpdm_rl.rollout.sampler import MethodSampler
 
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
 from tpdm_rl.cli import main
-from tpdm_rl.methods import Method, MethodError, parse_method, parse_methods
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
-from tpdm_rl.rng import derive_key
-from tpdm_rl.tpm_file import CheckpointError, save_tpm
+from tpdm_rl.core.methods import Method, MethodError, parse_method, parse_methods
+from tpdm_rl.core.rng import derive_key
+from tpdm_rl.training.tpm_file import CheckpointError, save_tpm
 
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk", "a bowl of ramen", "a cat on a sofa",
            "a snowy mountain", "a blue bicycle"]
@@ -151,7 +151,7 @@ def test_tpm_adaptive_without_skips_is_the_tpm(backbone):
 def test_tpm_inference_mode_mean_and_sample(backbone):
     """policy.inference: the first ratio is the Beta mode, the Beta mean or a draw; a draw is keyed by the image's
     noise seed, so it repeats exactly and does not depend on which images share the batch."""
-    from tpdm_rl.actions import beta_mode
+    from tpdm_rl.algorithm.actions import beta_mode
 
     spec = TPMSpec(in_channels=backbone.feature_channels, temb_dim=backbone.temb_dim, grid=4, hidden=16,
                    init_ratio=0.6, init_concentration=4.0)
@@ -176,8 +176,8 @@ def test_tpm_inference_mode_mean_and_sample(backbone):
 # ------------------------------------------------------------------ eval / sample / export end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.controller import Controller
 
     out = tmp_path_factory.mktemp("evalrun")
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir))

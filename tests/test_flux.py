@@ -18,9 +18,9 @@ from tpdm_rl.rollout.schedules import FixedSchedule
 
 from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 from tpdm_rl.builders.tiny_flux_backbone import make_tiny_flux_backbone
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics_reader import read_metrics
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.controller import Controller
 
 PROMPTS = ["a red circle", "two blue squares on a white background"]
 

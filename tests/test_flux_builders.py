@@ -37,7 +37,7 @@ from tpdm_rl.builders.random_backbone import (
     shrunk_overrides,
 )
 from tpdm_rl.builders.tiny_flux_backbone import build_tiny_flux_pipeline, make_tiny_flux_backbone
-from tpdm_rl.defaults import FLUX_PRESETS, PRESETS
+from tpdm_rl.core.defaults import FLUX_PRESETS, PRESETS
 
 WEIGHTS = ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
            "text_encoder/model.safetensors", "text_encoder_2/model.safetensors")

@@ -1,4 +1,4 @@
-"""The known-optimum check of the learning (tpdm_rl/sanity.py): a world whose per-class optimum is known in closed
+"""The known-optimum check of the learning (tpdm_rl/training/sanity.py): a world whose per-class optimum is known in closed
 form, trained with the config's default objective and optimiser and the stop-ratio action, in seconds."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpdm_rl.sanity import SanityWorld, sanity_config, train_sanity
+from tpdm_rl.training.sanity import SanityWorld, sanity_config, train_sanity
 
 #: the stated budget: the defaults must find the per-class rule within this many iterations (64 trajectories each)
 ITERATIONS = 40

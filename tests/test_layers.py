@@ -19,30 +19,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"tpdm_rl": "tpdm_rl", "rollout": "tpdm_rl.rollout", "rewards": "tpdm_rl.rewards"}
 LAYERS: dict[str, int] = {
-    "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.config": 0, "tpdm_rl.config_io": 0, "tpdm_rl.devices": 0, "tpdm_rl.files": 0,
-    "tpdm_rl.timing": 0, "tpdm_rl.metrics_reader": 0, "tpdm_rl.eval_output": 0, "tpdm_rl.prompts": 0,
-    "tpdm_rl.toyworld": 0, "tpdm_rl.rollout": 0, "tpdm_rl.rng": 0, "tpdm_rl.tables": 0, "tpdm_rl.rewards": 0,
-    "tpdm_rl.reward_registry": 0, "tpdm_rl.threads": 0, "tpdm_rl.console": 0, "tpdm_rl.defaults": 0, "tpdm_rl.step_penalty": 0,
-    "tpdm_rl.policy": 1, "tpdm_rl.actions": 1, "tpdm_rl.objective": 1, "tpdm_rl.messages": 1, "tpdm_rl.rollout.flow": 1,
-    "tpdm_rl.rollout.schedules": 1, "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1,
-    "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.methods": 0,  # method strings: parsed with the config
-    "tpdm_rl.rollout.backbone": 2, "tpdm_rl.rollout.families": 2, "tpdm_rl.rollout.worker": 2, "tpdm_rl.rollout.baselines": 2, "tpdm_rl.rollout.sampler": 2,
-    "tpdm_rl.rollout.settings": 2, "tpdm_rl.rollout.pipeline": 2, "tpdm_rl.rollout.toy": 0, "tpdm_rl.rewards.*": 2,
+    # the folders of tpdm_rl/ are the layers: core/ 0, algorithm/ 1, training/ 2-3, commands/ and cli.py 4
+    "tpdm_rl": 0, "tpdm_rl.data": 0, "tpdm_rl.core": 0, "tpdm_rl.core.*": 0,
+    "tpdm_rl.algorithm": 1, "tpdm_rl.algorithm.*": 1,
+    "tpdm_rl.training": 2, "tpdm_rl.training.*": 2,
+    "tpdm_rl.training.controller": 3, "tpdm_rl.training.runfolder": 3, "tpdm_rl.training.sanity": 3,
+    "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3,
+    "tpdm_rl.cli": 4, "tpdm_rl.commands": 4, "tpdm_rl.commands.*": 4, "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4,
+    "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
+    # rollout/ and rewards/ (beside tpdm_rl/, imported as tpdm_rl.rollout / tpdm_rl.rewards) hold two layers each
+    "tpdm_rl.rollout": 0, "tpdm_rl.rollout.toy": 0, "tpdm_rl.rollout.flow": 1, "tpdm_rl.rollout.schedules": 1,
+    "tpdm_rl.rollout.engine": 1, "tpdm_rl.rollout.trajectory": 1, "tpdm_rl.rollout.adaptive": 1, "tpdm_rl.rollout.*": 2,
+    "tpdm_rl.rewards": 0, "tpdm_rl.rewards.*": 2,
     "tpdm_rl.builders": 2, "tpdm_rl.builders.*": 2,
-    "tpdm_rl.learner": 2, "tpdm_rl.ds_learner": 2, "tpdm_rl.checkpoint": 2, "tpdm_rl.tpm_file": 2, "tpdm_rl.metrics": 2,
-    "tpdm_rl.metrics_logger": 2,
-    "tpdm_rl.summary": 2,
-    "tpdm_rl.resources": 2,
-    "tpdm_rl.controller": 3, "tpdm_rl.sanity": 3, "tpdm_rl.executors": 3, "tpdm_rl.executors.*": 3, "tpdm_rl.runfolder": 3,
-    "tpdm_rl.cli": 4, "tpdm_rl.cli_eval": 4, "tpdm_rl.cli_make": 4, "tpdm_rl.cli_sweep": 4, "tpdm_rl.cli_config": 4, "tpdm_rl.reference": 4, "tpdm_rl.plot_layout": 4,
-    "tpdm_rl.evaluation": 4, "tpdm_rl.evaluation.*": 4, "tpdm_rl.sweep": 4, "tpdm_rl.sweep.*": 4,
 }
 #: the only packages a function may import lazily: optional heavy dependencies
 LAZY_ALLOWED = ("ray", "deepspeed", "open_clip", "wandb")
 #: and torch in two modules only: the thread policy must run before it loads; prompts are validated without it
-LAZY_TORCH_MODULES = ("tpdm_rl.threads", "tpdm_rl.prompts")
+LAZY_TORCH_MODULES = ("tpdm_rl.core.threads", "tpdm_rl.core.prompts")
 #: the command-line modules import everything heavy inside their commands: --help and config errors stay fast
-LAZY_ENTRY_MODULES = ("tpdm_rl.cli", "tpdm_rl.cli_eval", "tpdm_rl.cli_sweep", "tpdm_rl.cli_config", "tpdm_rl.cli_make")
+LAZY_ENTRY_PACKAGES = ("tpdm_rl.cli", "tpdm_rl.commands")
 #: runtime packages -> the packages they must never import: rollout/ and rewards/ stand side by side, and neither
 #: depends on the code that builds test and demo models
 SEPARATE: dict[str, tuple[str, ...]] = {"tpdm_rl.rollout": ("tpdm_rl.rewards", "tpdm_rl.builders"),
@@ -181,10 +177,10 @@ def test_the_runtime_imports_no_builder():
 def test_the_builder_check_sees_a_violation(tmp_path):
     """Not vacuous: the controller or an executor importing a builder is found, an application is not."""
     a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
-    a.write_text("from .builders.tiny_backbone import resolve_backbone_path\n")
+    a.write_text("from ..builders.tiny_backbone import resolve_backbone_path\n")
     b.write_text("def f():\n    from tpdm_rl.builders import tiny_backbone\n")
     c.write_text("from .builders.tiny_backbone import run_backbone_path\n")
-    bad = builder_violations({"tpdm_rl.controller": (a, False), "tpdm_rl.executors.local": (b, False),
+    bad = builder_violations({"tpdm_rl.training.controller": (a, False), "tpdm_rl.executors.local": (b, False),
                               "tpdm_rl.cli": (c, False)})
     assert len(bad) == 2 and "tpdm_rl.cli" not in "".join(bad), bad
 
@@ -192,7 +188,7 @@ def test_the_builder_check_sees_a_violation(tmp_path):
 def test_function_local_imports_only_for_optional_heavy_dependencies():
     bad = []
     for name, (path, is_pkg) in modules().items():
-        if name in LAZY_ENTRY_MODULES:
+        if any(_inside(name, p) for p in LAZY_ENTRY_PACKAGES):
             continue
         for target, line, local in imports_of(name, path, is_pkg):
             top = target.split(".")[0]
@@ -204,15 +200,15 @@ def test_function_local_imports_only_for_optional_heavy_dependencies():
 def test_the_checker_sees_a_violation(tmp_path):
     """The walker is not vacuous: an upward import in a lower layer is found."""
     f = tmp_path / "mod.py"
-    f.write_text("from tpdm_rl.controller import Controller\n\ndef g():\n    import yaml\n")
-    found = imports_of("tpdm_rl.policy", f, False)
-    assert ("tpdm_rl.controller", 1, False) in found and ("yaml", 4, True) in found
-    assert layer_of("tpdm_rl.controller") > layer_of("tpdm_rl.policy")
+    f.write_text("from tpdm_rl.training.controller import Controller\n\ndef g():\n    import yaml\n")
+    found = imports_of("tpdm_rl.algorithm.policy", f, False)
+    assert ("tpdm_rl.training.controller", 1, False) in found and ("yaml", 4, True) in found
+    assert layer_of("tpdm_rl.training.controller") > layer_of("tpdm_rl.algorithm.policy")
 
 
 def test_static_reward_info_matches_the_classes():
     """Config validation reads the built-in rewards from their source (fast); it must say what the classes say."""
-    from tpdm_rl import reward_registry as registry
+    from tpdm_rl.core import reward_registry as registry
 
     static = registry._static_builtin_info()
     assert set(static) == set(registry.BUILTIN_MODULES)
@@ -225,11 +221,79 @@ def test_the_cli_and_config_checks_load_no_model_library():
     import subprocess
     import sys
 
-    code = ("import sys; from tpdm_rl.cli import build_parser; build_parser(); from tpdm_rl.config_io import load_config; "
-            "from tpdm_rl.prompts import load_prompts; c = load_config('configs/toy.yaml'); "
+    code = ("import sys; from tpdm_rl.cli import build_parser; build_parser(); from tpdm_rl.core.config_io import load_config; "
+            "from tpdm_rl.core.prompts import load_prompts; c = load_config('configs/toy.yaml'); "
             "load_prompts(c.rollout.prompts); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray', 'deepspeed', 'matplotlib') "
             "if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def import_graph(mods: dict[str, tuple[Path, bool]]) -> dict[str, set[str]]:
+    """module -> the modules it imports (top level and inside functions; TYPE_CHECKING imports left out). ``from
+    pkg import name`` points at ``pkg.name`` where that is a module, else at ``pkg``."""
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_pkg) in mods.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_nodes(tree)
+        out: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                base, *names = _resolve(name, is_pkg, node)
+                subs = {n for n in names if n in mods}
+                out |= subs or ({base} if base in mods else set())
+        graph[name] = out - {name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or around a ring, lazy imports included."""
+    assert import_circles(import_graph(modules())) == []
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    """Not vacuous: a lazy import that closes a ring is found; a TYPE_CHECKING one is not."""
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("from tpdm_rl.commands.y import f\n")
+    b.write_text("def f():\n    from tpdm_rl.commands import x\n")
+    c.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tpdm_rl.commands.x import g\n")
+    mods = {"tpdm_rl.commands.x": (a, False), "tpdm_rl.commands.y": (b, False), "tpdm_rl.commands.z": (c, False)}
+    assert import_circles(import_graph(mods)) == [["tpdm_rl.commands.x", "tpdm_rl.commands.y"]]

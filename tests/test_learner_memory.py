@@ -11,11 +11,11 @@ import pytest
 
 SCRIPT = r"""
 import json, resource, sys, torch
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.config import AlgorithmConfig, OptimConfig
-from tpdm_rl.learner import Learner
-from tpdm_rl.messages import LearnBatch
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.config import AlgorithmConfig, OptimConfig
+from tpdm_rl.training.learner import Learner
+from tpdm_rl.algorithm.messages import LearnBatch
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
 
 apply_threads(1)
 rows, minibatches = int(sys.argv[1]), int(sys.argv[2])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tpdm_rl.objective import (
+from tpdm_rl.algorithm.objective import (
     RunningMeanStd,
     StepPenalty,
     compose_reward,

@@ -18,9 +18,9 @@ from conftest import small_overrides
 from own_ray import run_own_ray
 
 from tpdm_rl.builders.reward_fixtures import make_all
-from tpdm_rl.config_io import load_config
-from tpdm_rl.metrics_reader import read_metrics
-from tpdm_rl.resources import role_bundles, total
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.resources import role_bundles, total
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ def test_one_gpu_layout_is_placed_and_runs_an_iteration(tiny_backbone_dir, rewar
     import ray
     from ray.util import placement_group_table
 
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.training.controller import Controller
 
     cfg = load_config(CONFIG, cpu_overrides(tiny_backbone_dir, reward_fixtures))
     seen: dict = {}

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from tpdm_rl.actions import beta_log_prob, beta_mode
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
-from tpdm_rl.rng import counter_beta, counter_normal, counter_uniform, derive_key
+from tpdm_rl.algorithm.actions import beta_log_prob, beta_mode
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.core.rng import counter_beta, counter_normal, counter_uniform, derive_key
 
 
 def test_beta_log_prob_matches_direct_formula():
@@ -100,7 +100,7 @@ def _params(tpm, sigma):
 
 
 def test_untrained_stop_ratio_tpm_follows_its_table_and_stops_where_it_jumps_to_zero():
-    from tpdm_rl.actions import STOP
+    from tpdm_rl.algorithm.actions import STOP
 
     tpm = TimePredictionModule(STOP_SPEC)
     table = torch.tensor(STOP_SPEC.init_table)

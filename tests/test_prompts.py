@@ -1,4 +1,4 @@
-"""Tests for tpdm_rl.prompts: bundled prompt sets, file loading/validation, and PromptSampler."""
+"""Tests for tpdm_rl.core.prompts: bundled prompt sets, file loading/validation, and PromptSampler."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tpdm_rl.prompts import PromptFileError, PromptSampler, load_prompts
+from tpdm_rl.core.prompts import PromptFileError, PromptSampler, load_prompts
 
 # ---------------------------------------------------------------------------------------------
 # bundled sets

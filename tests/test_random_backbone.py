@@ -33,7 +33,7 @@ from tpdm_rl.builders.random_backbone import (
     estimate,
     make_random_backbone,
 )
-from tpdm_rl.threads import apply_threads
+from tpdm_rl.core.threads import apply_threads
 
 TINY = rb.shrunk_overrides(attention_head_dim=8, sample_size=8)
 
@@ -190,9 +190,9 @@ def test_real_width_rollout_iteration_with_bf16_storage_and_a_learner_update(tmp
     stored features: one rollout task with the TPM and one learner update; shapes, dtypes, bytes per step."""
     from tpdm_rl.rollout.worker import RolloutWorker
 
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.learner import Learner
-    from tpdm_rl.messages import LearnBatch, RolloutTask
+    from tpdm_rl.algorithm.messages import LearnBatch, RolloutTask
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.learner import Learner
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     apply_threads(2)

@@ -8,9 +8,9 @@ from conftest import small_overrides
 from tpdm_rl.rewards import RewardError
 
 from tpdm_rl.builders.reward_fixtures import make_all
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics_reader import read_metrics
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.controller import Controller
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_reward_actor_scores_queued_requests_as_one_batch(fixtures):
     import torch
     from tpdm_rl.rewards.worker import RewardWorker
 
-    from tpdm_rl.messages import ImageBatch
+    from tpdm_rl.algorithm.messages import ImageBatch
 
     actor = RewardWorker("hpsv2", fixtures["hpsv2"])
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tpdm_rl.rewards import RewardError, build_reward, reward_options
 
 from tpdm_rl.builders.reward_fixtures import make_all, register_tiny_open_clip
-from tpdm_rl.threads import apply_threads
+from tpdm_rl.core.threads import apply_threads
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

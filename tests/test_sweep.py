@@ -15,11 +15,11 @@ import pytest
 from conftest import run_cli_in_process, small_overrides
 from own_ray import end_group, own_ray_env, run_own_ray, short_temp_dir
 
-from tpdm_rl.config_io import load_config
-from tpdm_rl.resources import trial_bundles
+from tpdm_rl.core.config_io import load_config
 from tpdm_rl.sweep.plan import SweepError, expand_trials, parse_grid, parse_random, plan_sweep
 from tpdm_rl.sweep.report import best_under_budget, pareto_front
 from tpdm_rl.sweep.tune import PROGRESS_EVERY_S, TrialProgress
+from tpdm_rl.training.resources import trial_bundles
 
 SWEEP_ITERS = 8
 FID_WEIGHTS = ("1.0",)  # one weight: the grid still has two axes, and 2 trials keep the suite short

@@ -8,8 +8,8 @@ from conftest import small_overrides
 from tpdm_rl.rollout.sampler import MethodSampler
 
 from tpdm_rl.cli import main
-from tpdm_rl.methods import Method, MethodError, parse_method, parse_methods
-from tpdm_rl.tables import TableError, check_table, load_family, shift_table, two_phase_table
+from tpdm_rl.core.methods import Method, MethodError, parse_method, parse_methods
+from tpdm_rl.core.tables import TableError, check_table, load_family, shift_table, two_phase_table
 
 PROMPTS = ["a red apple on a table", "a blue car in the rain", "a cat on a sofa"]
 
@@ -86,8 +86,8 @@ def test_sigmas_method_follows_its_table_exactly(backbone):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
-    from tpdm_rl.config_io import load_config
-    from tpdm_rl.controller import Controller
+    from tpdm_rl.core.config_io import load_config
+    from tpdm_rl.training.controller import Controller
 
     out = tmp_path_factory.mktemp("tablesrun")
     cfg = load_config("configs/tiny.yaml", small_overrides(tiny_backbone_dir, **{

@@ -19,11 +19,11 @@ from tpdm_rl.builders.toy_backbone import (
     build_tokenizers,
     train_toy_backbone,
 )
-from tpdm_rl.cli import closing_evaluation
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller
-from tpdm_rl.metrics_reader import read_metrics
-from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, toy_prompt_file
+from tpdm_rl.commands.train import closing_evaluation
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.core.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, toy_prompt_file
+from tpdm_rl.training.controller import Controller
 
 MAX_SHIPPED_BYTES = 25 * 2**20
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpdm_rl.tables import check_table, load_family
+from tpdm_rl.core.tables import check_table, load_family
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tpdm_rl.rewards.shapes import analyse
 
-from tpdm_rl.reward_registry import RewardError, build_reward
-from tpdm_rl.toyworld import (
+from tpdm_rl.core.reward_registry import RewardError, build_reward
+from tpdm_rl.core.toyworld import (
     BACKGROUNDS,
     COLOURS,
     KINDS,

@@ -7,11 +7,11 @@ import torch
 from conftest import run_cli_in_process, small_overrides
 from safetensors.torch import load_file
 
-from tpdm_rl.config_io import load_config
-from tpdm_rl.controller import Controller, plan_iteration
-from tpdm_rl.learner import policy_terms
-from tpdm_rl.messages import LearnBatch
-from tpdm_rl.metrics_reader import read_metrics
+from tpdm_rl.algorithm.messages import LearnBatch
+from tpdm_rl.core.config_io import load_config
+from tpdm_rl.core.metrics_reader import read_metrics
+from tpdm_rl.training.controller import Controller, plan_iteration
+from tpdm_rl.training.learner import policy_terms
 
 CORE_KEYS = ["iteration", "reward/total", "reward/fidelity", "steps/mean", "steps/min", "steps/max", "loss/policy",
              "policy/clipfrac", "policy/approx_kl", "time/rollout_s", "time/reward_s", "time/learn_s"]

@@ -2,6 +2,6 @@
 and random FLUX.1 backbones, the tiny reward models in the real file formats, and the offline tokenizers they share.
 
 Why a package of its own: the runtime (``tpdm_rl.rollout``, ``tpdm_rl.rewards``) loads such folders but never
-builds them, so it imports nothing from here (tests/test_layers.py); ``tpdm-rl make-*`` (``tpdm_rl/cli_make.py``)
+builds them, so it imports nothing from here (tests/test_layers.py); ``tpdm-rl make-*`` (``tpdm_rl/commands/make.py``)
 and the controller (the tiny backbone of an empty ``backbone.path``) do.
 """

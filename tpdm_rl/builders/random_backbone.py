@@ -56,11 +56,10 @@ from transformers import (
     T5EncoderModel,
 )
 
-from tpdm_rl.defaults import FLUX_PRESETS, PRESETS
-from tpdm_rl.devices import DTYPE_ALIASES, DTYPES
-from tpdm_rl.files import replace_folder, write_json_atomic
-
-from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
+from tpdm_rl.builders.tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
+from tpdm_rl.core.defaults import FLUX_PRESETS, PRESETS
+from tpdm_rl.core.devices import DTYPE_ALIASES, DTYPES
+from tpdm_rl.core.files import replace_folder, write_json_atomic
 
 #: the model components, in the order they are built and written (SD3; FLUX.1 in ``FLUX_MODELS``)
 MODELS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")

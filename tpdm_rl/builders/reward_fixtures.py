@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from tpdm_rl.builders.tiny_backbone import tiny_clip_tokenizer
 from tpdm_rl.rewards.aesthetic import RewardMLP
 from tpdm_rl.rewards.hpsv2 import create_open_clip
-
-from .tiny_backbone import tiny_clip_tokenizer
 
 TINY_OPEN_CLIP = "tiny-clip"
 TINY_OPEN_CLIP_CONFIG = {

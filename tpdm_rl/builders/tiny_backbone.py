@@ -23,14 +23,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from tpdm_rl.files import replace_folder
-
-from .tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
+from tpdm_rl.builders.tokenizers import T5_CHARS, WORD_START, character_pieces, clip_tokenizer, t5_tokenizer
+from tpdm_rl.core.files import replace_folder
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from tpdm_rl.config import Config
+    from tpdm_rl.core.config import Config
 
 TINY_HIDDEN = 32  # transformer width = heads * head_dim
 TINY_CLIP_HIDDEN = 16  # two CLIPs concatenated = 32 = T5 d_model = joint_attention_dim
@@ -151,7 +150,7 @@ def resolve_backbone_path(path: str, tiny_dir: str | Path, tiny_seed: int, resol
 def run_backbone_path(cfg: Config, output: str | Path) -> str:
     """The backbone a run into ``output`` loads: :func:`resolve_backbone_path` with ``backbone.tiny_dir`` (default
     ``<output>/tiny_backbone``). The applications (``tpdm-rl train``, a sweep trial) resolve it for the
-    :class:`~tpdm_rl.controller.Controller`, which imports no builder."""
+    :class:`~tpdm_rl.training.controller.Controller`, which imports no builder."""
     tiny_dir = cfg.backbone.tiny_dir or str(Path(output) / "tiny_backbone")
     return resolve_backbone_path(cfg.backbone.path, str(Path(tiny_dir).resolve()), cfg.backbone.tiny_seed,
                                  cfg.backbone.resolution)

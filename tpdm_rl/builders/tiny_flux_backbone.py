@@ -18,10 +18,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from tpdm_rl.files import replace_folder
-
-from .random_backbone import scheduler_config
-from .tiny_backbone import tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae
+from tpdm_rl.builders.random_backbone import scheduler_config
+from tpdm_rl.builders.tiny_backbone import tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae
+from tpdm_rl.core.files import replace_folder
 
 TINY_FLUX_HEADS = 2
 TINY_FLUX_HEAD_DIM = 16  # rotary axes (4, 6, 6) fill it, as (16, 56, 56) fill FLUX.1's 128

@@ -44,13 +44,18 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from tpdm_rl.files import replace_folder
+from tpdm_rl.builders.tokenizers import (
+    WORD_START,
+    byte_symbols,
+    character_pieces,
+    clip_tokenizer,
+    t5_tokenizer,
+)
+from tpdm_rl.core.files import replace_folder
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, prompt_set, render, sample_scene
 from tpdm_rl.rewards.shapes import analyse
 from tpdm_rl.rollout.toy import TOY_MARKER, shipped_toy_dir
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.toyworld import IMAGE_SIZE, VOCABULARY, parse_prompt, prompt_set, render, sample_scene
-
-from .tokenizers import WORD_START, byte_symbols, character_pieces, clip_tokenizer, t5_tokenizer
 
 #: CLIP and T5 sequence length of a newly trained backbone: the places grammar's longest prompt (four placed objects,
 #: 'a orange triangle in the bottom right, ... on a white background') is 37 CLIP tokens (35 words + BOS/EOS) and

@@ -14,7 +14,7 @@ import math
 import torch
 from scipy.stats import spearmanr
 
-from tpdm_rl.toyworld import PromptError, parse_prompt
+from tpdm_rl.core.toyworld import PromptError, parse_prompt
 
 
 def mean_se(x: torch.Tensor) -> dict[str, float]:

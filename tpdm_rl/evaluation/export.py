@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
-from tpdm_rl.defaults import EVAL_COMPLETE
+from tpdm_rl.core.defaults import EVAL_COMPLETE
 from tpdm_rl.rollout.settings import transformer_geometry
 from tpdm_rl.rollout.toy import toy_world
-from tpdm_rl.tpm_file import (
+from tpdm_rl.training.tpm_file import (
     EXPORT_CONFIG,
     CheckpointError,
     locate_tpm,

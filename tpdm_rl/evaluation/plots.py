@@ -13,11 +13,11 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from tpdm_rl.methods import parse_method  # noqa: E402
-from tpdm_rl.plot_layout import Label, legend_below, legend_right, place_labels, save  # noqa: E402
+from tpdm_rl.core.methods import parse_method  # noqa: E402
+from tpdm_rl.evaluation.plot_layout import Label, legend_below, legend_right, place_labels, save  # noqa: E402
 
 if TYPE_CHECKING:
-    from .run import MethodResult
+    from tpdm_rl.evaluation.run import MethodResult
 
 def _short(text: str, n: int = 38) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tpdm_rl.methods import parse_method
+from tpdm_rl.core.methods import parse_method
 
 
 def _fmt(ms: dict, digits: int = 2) -> str:

@@ -20,23 +20,22 @@ import yaml
 from torchmetrics.functional import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
-from tpdm_rl.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_COMPLETE, EVAL_OUTPUT_FILES
-from tpdm_rl.eval_output import check_output
-from tpdm_rl.methods import Method, parse_method, parse_methods
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.reward_registry import RewardError, build_reward
+from tpdm_rl.core.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, EVAL_COMPLETE, EVAL_OUTPUT_FILES
+from tpdm_rl.core.eval_output import check_output
+from tpdm_rl.core.methods import Method, parse_method, parse_methods
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.reward_registry import RewardError, build_reward
+from tpdm_rl.core.rng import derive_key
+from tpdm_rl.core.tables import load_family
+from tpdm_rl.evaluation.compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
+from tpdm_rl.evaluation.plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
+from tpdm_rl.evaluation.report import results_markdown
 from tpdm_rl.rewards.fidelity import psnr
-from tpdm_rl.rng import derive_key
 from tpdm_rl.rollout.pipeline import TPDMPipeline
 from tpdm_rl.rollout.sampler import SampleOutput
 from tpdm_rl.rollout.schedules import mean_schedule
-from tpdm_rl.runfolder import LOCK_FILE, lock_folder, unlock_folder
-from tpdm_rl.tables import load_family
-from tpdm_rl.tpm_file import locate_tpm
-
-from .compare import at_equal_nfe, by_level, complexity_of, mean_se, rank_correlation
-from .plots import plot_complexity, plot_grid, plot_nfe_hist, plot_pareto, plot_schedules
-from .report import results_markdown
+from tpdm_rl.training.runfolder import LOCK_FILE, lock_folder, unlock_folder
+from tpdm_rl.training.tpm_file import locate_tpm
 
 REFERENCE = Method("fixed", steps=28)
 #: written last by ``evaluate``: its absence marks an evaluation that did not finish
@@ -142,7 +141,7 @@ def evaluate(checkpoint: str | os.PathLike, output: str | os.PathLike, prompts: 
     """Run every method on the same prompts and noises, score, and write the report files.
 
     ``inference`` (mode, mean or sample) overrides the TPM file's ``policy.inference``.
-    ``tables``: a family of hand-made sigma tables (``tpdm_rl.tables.load_family``: ``builtin:toy``,
+    ``tables``: a family of hand-made sigma tables (``tpdm_rl.core.tables.load_family``: ``builtin:toy``,
     ``shift:S`` or a JSON file), one per NFE, run as ``sigmas:`` methods; the TPM is compared with the family at
     equal NFE and pareto.png draws it as a second curve (``shift:S`` is restricted to ``pareto_steps``).
     ``timing_repeats`` > 1 times every method that many times, in round-robin passes over all

@@ -1,6 +1,6 @@
 """The executor interface: where the roles run (one process, or Ray actors) behind one small API.
 
-The controller (``tpdm_rl.controller``) owns the loop and calls, per iteration:
+The controller (``tpdm_rl.training.controller``) owns the loop and calls, per iteration:
 ``rollout_and_score(tasks)`` -> ``update(phase, advantages, iteration)`` -> ``weights()`` ->
 ``publish(version, weights)``. Both executors return the same typed :class:`RolloutPhase`, so every
 metric is computed once, in one place, with the same keys in both modes.
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from tpdm_rl.messages import RolloutSummary, RolloutTask, ScoreResult
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.algorithm.messages import RolloutSummary, RolloutTask, ScoreResult
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
 
 
 class FatalRoleError(RuntimeError):

@@ -7,16 +7,15 @@ import time
 
 import torch
 
-from tpdm_rl.checkpoint import CheckpointError
-from tpdm_rl.config import Config
-from tpdm_rl.devices import resolve_device
-from tpdm_rl.learner import Learner
-from tpdm_rl.messages import LearnBatch, RolloutTask
-from tpdm_rl.policy import TimePredictionModule, TPMSpec, build_policy
+from tpdm_rl.algorithm.messages import LearnBatch, RolloutTask
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec, build_policy
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.devices import resolve_device
+from tpdm_rl.executors.base import Executor, RolloutPhase, task_advantages
 from tpdm_rl.rewards.worker import RewardWorker
 from tpdm_rl.rollout.worker import RolloutWorker
-
-from .base import Executor, RolloutPhase, task_advantages
+from tpdm_rl.training.checkpoint import CheckpointError
+from tpdm_rl.training.learner import Learner
 
 
 class LocalExecutor(Executor):

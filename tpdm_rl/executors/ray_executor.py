@@ -4,7 +4,7 @@
   stay in the object store (summary / learner rows / images);
 - reward workers (``RewardWorker`` under ``ray.remote``): a pool per component, scoring each task's
   images as soon as it finishes; requests that queue up while a worker is busy are scored together;
-- the learner group (``tpdm_rl.ds_learner.LearnerRank``): N DeepSpeed ranks sharing the rows evenly;
+- the learner group (``tpdm_rl.training.ds_learner.LearnerRank``): N DeepSpeed ranks sharing the rows evenly;
 - weight sync: the learner's weights are put in the object store once per version; every rollout
   worker loads that version before its next task.
 
@@ -21,20 +21,19 @@ from collections import deque
 
 import torch
 
-from tpdm_rl.checkpoint import CheckpointError
-from tpdm_rl.config import Config
-from tpdm_rl.console import waiting
-from tpdm_rl.ds_learner import LearnerRank, check_resumable, merge_rank_states
-from tpdm_rl.messages import RolloutTask
-from tpdm_rl.policy import TimePredictionModule, TPMSpec
-from tpdm_rl.resources import role_bundles
-from tpdm_rl.reward_registry import RewardError
+from tpdm_rl.algorithm.messages import RolloutTask
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.console import waiting
+from tpdm_rl.core.reward_registry import RewardError
+from tpdm_rl.executors.base import Executor, FatalRoleError, RolloutPhase, task_advantages
+from tpdm_rl.executors.ray_pool import ActorPool, Gang, actor_env, actor_error_types, creation_error, init_ray
 from tpdm_rl.rewards.worker import RewardWorker
 from tpdm_rl.rollout.backbone import BackboneError
 from tpdm_rl.rollout.worker import RolloutWorker
-
-from .base import Executor, FatalRoleError, RolloutPhase, task_advantages
-from .ray_pool import ActorPool, Gang, actor_env, actor_error_types, creation_error, init_ray
+from tpdm_rl.training.checkpoint import CheckpointError
+from tpdm_rl.training.ds_learner import LearnerRank, check_resumable, merge_rank_states
+from tpdm_rl.training.resources import role_bundles
 
 
 class RayExecutor(Executor):

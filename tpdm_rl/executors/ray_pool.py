@@ -8,10 +8,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tpdm_rl.console import waiting
-from tpdm_rl.resources import describe, shortfall, total
-
-from .base import FatalRoleError
+from tpdm_rl.core.console import waiting
+from tpdm_rl.executors.base import FatalRoleError
+from tpdm_rl.training.resources import describe, shortfall, total
 
 CONNECT_TIMEOUT_S = 10.0
 

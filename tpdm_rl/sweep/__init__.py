@@ -25,7 +25,7 @@ axis). ``best_under_budget`` returns the highest-quality trial whose mean steps 
 import importlib
 from typing import Any
 
-from .plan import SweepError, plan_sweep
+from tpdm_rl.sweep.plan import SweepError, plan_sweep
 
 #: names re-exported from the submodules that load torch, matplotlib and Ray: imported on first use, so that
 #: validating a sweep (``plan``) answers in well under a second

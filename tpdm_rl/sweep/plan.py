@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpdm_rl.config import Config, ConfigError
-from tpdm_rl.config_io import load_config, parse_override
+from tpdm_rl.core.config import Config, ConfigError
+from tpdm_rl.core.config_io import load_config, parse_override
 
 PLAN_FILE = "sweep_plan.json"
 TRIAL_FILE = "trial.json"

@@ -9,9 +9,8 @@ import matplotlib
 matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from tpdm_rl.plot_layout import Label, legend_below, place_labels, save  # noqa: E402
-
-from .plan import trial_label  # noqa: E402
+from tpdm_rl.evaluation.plot_layout import Label, legend_below, place_labels, save  # noqa: E402
+from tpdm_rl.sweep.plan import trial_label  # noqa: E402
 
 
 def plot_pareto(report: dict, path: str | Path, budget: float | None = None) -> Path:

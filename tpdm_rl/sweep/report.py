@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tpdm_rl.files import read_json, write_json_atomic
-from tpdm_rl.metrics_reader import FINAL_WINDOW, final_window, finite, read_metrics
-
-from .plan import DONE_FILE, FINISHED_STATES, PLAN_FILE, TRIAL_FILE, short_keys
-from .plot import plot_pareto
+from tpdm_rl.core.files import read_json, write_json_atomic
+from tpdm_rl.core.metrics_reader import FINAL_WINDOW, final_window, finite, read_metrics
+from tpdm_rl.sweep.plan import DONE_FILE, FINISHED_STATES, PLAN_FILE, TRIAL_FILE, short_keys
+from tpdm_rl.sweep.plot import plot_pareto
 
 
 # ---------------------------------------------------------------------------------------------- report

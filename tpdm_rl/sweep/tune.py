@@ -11,15 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tpdm_rl.builders.tiny_backbone import run_backbone_path
-from tpdm_rl.config import Config
-from tpdm_rl.controller import Controller
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.files import read_json, write_json_atomic
+from tpdm_rl.core.metrics_reader import final_window, finite, read_metrics
 from tpdm_rl.executors.ray_pool import init_ray
-from tpdm_rl.files import read_json, write_json_atomic
-from tpdm_rl.metrics_reader import final_window, finite, read_metrics
-from tpdm_rl.resources import describe, shortfall, total, trial_bundles
-
-from .plan import DONE_FILE, PLAN_FILE, TRIAL_FILE, SweepError, TrialSpec, first_diff, plan_sweep
-from .report import collect_report, fmt, write_report
+from tpdm_rl.sweep.plan import DONE_FILE, PLAN_FILE, TRIAL_FILE, SweepError, TrialSpec, first_diff, plan_sweep
+from tpdm_rl.sweep.report import collect_report, fmt, write_report
+from tpdm_rl.training.controller import Controller
+from tpdm_rl.training.resources import describe, shortfall, total, trial_bundles
 
 #: a running trial says what it waits for at least this often (issue 23: no silence a user takes for a hang;
 #: Tune calls ``on_step_end`` about once a second, so the longest gap is about this plus one second)

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tpdm_rl.methods import parse_methods
-from tpdm_rl.reward_registry import RewardError, reward_info
-from tpdm_rl.step_penalty import StepPenalty
-from tpdm_rl.tables import TableError, check_table, load_family
+from tpdm_rl.core.methods import parse_methods
+from tpdm_rl.core.reward_registry import RewardError, reward_info
+from tpdm_rl.core.step_penalty import StepPenalty
+from tpdm_rl.core.tables import TableError, check_table, load_family
 
 #: the most training iterations a run may ask for (1,000,000 iterations of the smallest run is weeks of compute;
 #: a larger number is a typo, e.g. an extra digit group)

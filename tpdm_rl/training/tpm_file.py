@@ -19,8 +19,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .policy import TimePredictionModule, TPMSpec
-from .rollout.toy import builtin_name
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+from tpdm_rl.rollout.toy import builtin_name
 
 TPM_FILE = "tpm.safetensors"
 EXPORT_CONFIG = "tpdm_config.json"

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from tpdm_rl.config import Config, ConfigError, did_you_mean, validate_config
-from tpdm_rl.console import warn
+from tpdm_rl.core.config import Config, ConfigError, did_you_mean, validate_config
+from tpdm_rl.core.console import warn
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

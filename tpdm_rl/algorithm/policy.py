@@ -3,7 +3,7 @@
 At every denoising step it reads the backbone's pooled block features (image tokens on a 2-D grid),
 the timestep/text embedding ``temb`` and the current sigma, and outputs the parameters of a distribution over
 its action. The action spaces (``TPMSpec.action``: ``beta``, the paper's, or ``stop-ratio``, ours) are objects
-of ``tpdm_rl/actions.py``; the TPM asks its action object for everything about the distribution (sample,
+of ``tpdm_rl/algorithm/actions.py``; the TPM asks its action object for everything about the distribution (sample,
 deterministic, log_prob, entropy, KL).
 """
 
@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdm_rl.rng import derive_key
-
-from .actions import ACTIONS, STOP_SHARPNESS, ActionDistribution, Params, make_action
-from .config import Config
+from tpdm_rl.algorithm.actions import ACTIONS, STOP_SHARPNESS, ActionDistribution, Params, make_action
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.rng import derive_key
 
 __all__ = ["ACTIONS", "LEGACY_STOP_SHARPNESS", "TPMSpec", "TimePredictionModule", "build_policy", "sigma_embedding"]
 

@@ -3,7 +3,7 @@
 Rank 0 picks the rendezvous address (its node IP and a free port); every rank then joins the
 process group (gloo on CPU, NCCL on GPU) and wraps the TPM in ``deepspeed.initialize``. Each rank
 receives its share of the rollout rows, runs the same PPO epochs/minibatches as the single-process
-learner (``tpdm_rl.learner.Learner``), and DeepSpeed averages the gradients.
+learner (``tpdm_rl.training.learner.Learner``), and DeepSpeed averages the gradients.
 
 Skipping a non-finite step is a collective decision (all ranks skip together), otherwise one rank
 would wait forever in the gradient all-reduce.
@@ -17,11 +17,11 @@ import socket
 import torch
 import torch.distributed as dist
 
-from .config import AlgorithmConfig, Config, LearnerGroupConfig, OptimConfig
-from .learner import Learner, minibatch_indices
-from .messages import LearnBatch, StepRows
-from .policy import TimePredictionModule, TPMSpec, build_policy
-from .threads import apply_threads
+from tpdm_rl.algorithm.messages import LearnBatch, StepRows
+from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec, build_policy
+from tpdm_rl.core.config import AlgorithmConfig, Config, LearnerGroupConfig, OptimConfig
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.training.learner import Learner, minibatch_indices
 
 
 def free_port() -> int:

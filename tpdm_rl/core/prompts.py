@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from .console import warn
-from .toyworld import PromptError, parse_prompt  # numpy only: `tpdm-rl config` stays fast
+from tpdm_rl.core.console import warn
+from tpdm_rl.core.toyworld import PromptError, parse_prompt  # numpy only: `tpdm-rl config` stays fast
 
 __all__ = ["BUILTIN_SETS", "PromptFileError", "PromptSampler", "check_toy_prompts", "load_prompts"]
 
@@ -125,7 +125,7 @@ def load_prompts(source: str | os.PathLike[str], toy: bool = False) -> list[str]
     surrounding whitespace is stripped. ``.jsonl``: every non-blank line must be a JSON object with a
     non-empty string field ``prompt`` (other fields are ignored). Duplicates are kept: repeating a
     prompt is a legitimate way to up-weight it. ``toy``: every prompt must parse in the toy world's
-    grammar (``tpdm_rl.toyworld.parse_prompt``; the ``shapes`` reward scores nothing else).
+    grammar (``tpdm_rl.core.toyworld.parse_prompt``; the ``shapes`` reward scores nothing else).
 
     Raises:
         PromptFileError: the file is missing/unreadable, has an unsupported extension, is not

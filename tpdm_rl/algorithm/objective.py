@@ -1,6 +1,6 @@
 """Step-penalised GRPO with a PPO-clipped per-step objective.
 
-Reward of a trajectory: R = sum_c w_c * norm_c(r_c), then the step penalty (``tpdm_rl/step_penalty.py``:
+Reward of a trajectory: R = sum_c w_c * norm_c(r_c), then the step penalty (``tpdm_rl/core/step_penalty.py``:
 - lambda * steps by default; the multiplying modes only when every component is non-negative).
 Advantage of a trajectory: (R - mean of its group) / (std + eps); every step of the trajectory gets
 its advantage, and the PPO-clip loss is averaged over the valid steps of a minibatch.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .step_penalty import StepPenalty
+from tpdm_rl.core.step_penalty import StepPenalty
 
 __all__ = ["NO_PENALTY", "PPOStats", "RunningMeanStd", "StepPenalty", "compose_reward", "group_normalize",
            "grpo_advantages", "ppo_clip_loss"]

@@ -2,7 +2,7 @@
 ``latest`` marker (a text file naming the newest complete checkpoint) written last, atomically; and what
 resuming one needs the user's consent for.
 
-Only safe formats are read back: safetensors for weights (the TPM file format is ``tpdm_rl/tpm_file.py``),
+Only safe formats are read back: safetensors for weights (the TPM file format is ``tpdm_rl/training/tpm_file.py``),
 ``torch.load(weights_only=True)`` for optimiser state, JSON/YAML for the rest.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
-from .config_io import config_changes
-from .console import disk_full, warn
-from .files import replace_folder, write_text_atomic
-from .policy import TimePredictionModule
-from .tpm_file import TPM_FILE, CheckpointError, load_tpm, save_tpm
+from tpdm_rl.algorithm.policy import TimePredictionModule
+from tpdm_rl.core.config import Config, ConfigError
+from tpdm_rl.core.config_io import config_changes
+from tpdm_rl.core.console import disk_full, warn
+from tpdm_rl.core.files import replace_folder, write_text_atomic
+from tpdm_rl.training.tpm_file import TPM_FILE, CheckpointError, load_tpm, save_tpm
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"

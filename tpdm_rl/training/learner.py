@@ -1,6 +1,6 @@
 """The learner: recomputes per-step log-probs from stored features and applies PPO-clip updates.
 
-The batch is a packed table of steps (``tpdm_rl.messages.LearnBatch``). The same TPM code that the
+The batch is a packed table of steps (``tpdm_rl.algorithm.messages.LearnBatch``). The same TPM code that the
 rollout used turns the stored (pooled, storage-dtype) features into its action's log-probs, so on the first
 epoch ratio = 1 and clipfrac = 0 up to float rounding.
 
@@ -14,12 +14,11 @@ import math
 
 import torch
 
-from tpdm_rl.rng import derive_key
-
-from .config import AlgorithmConfig, OptimConfig
-from .messages import LearnBatch
-from .objective import ppo_clip_loss
-from .policy import TimePredictionModule
+from tpdm_rl.algorithm.messages import LearnBatch
+from tpdm_rl.algorithm.objective import ppo_clip_loss
+from tpdm_rl.algorithm.policy import TimePredictionModule
+from tpdm_rl.core.config import AlgorithmConfig, OptimConfig
+from tpdm_rl.core.rng import derive_key
 
 
 def policy_terms(policy: TimePredictionModule, batch: LearnBatch

@@ -7,7 +7,7 @@ what the roles need.
 
 from __future__ import annotations
 
-from .config import Config
+from tpdm_rl.core.config import Config
 
 
 def _bundle(cpu: float, gpu: float = 0.0) -> dict[str, float]:

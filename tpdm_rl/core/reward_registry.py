@@ -1,6 +1,6 @@
 """The reward registry: names -> reward classes, their options, and ``build_reward``.
 
-In the core (``tpdm_rl.reward_registry``): the config, the metrics catalogue and the reward implementations in
+In the core (``tpdm_rl.core.reward_registry``): the config, the metrics catalogue and the reward implementations in
 ``tpdm_rl.rewards`` all import it, and it imports none of them at module level.
 
 It sits below every other layer (the config validates reward names and options with it), so it

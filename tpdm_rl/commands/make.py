@@ -10,25 +10,24 @@ import argparse
 import time
 from pathlib import Path
 
-from .defaults import FLUX_PRESETS, PRESETS
-from .threads import apply_threads
+from tpdm_rl.commands.quiet import quiet_libraries
+from tpdm_rl.core.defaults import FLUX_PRESETS, PRESETS
+from tpdm_rl.core.threads import apply_threads
 
 
 def cmd_make_tiny_backbone(args: argparse.Namespace) -> int:
-    from .builders.tiny_backbone import make_tiny_backbone
-    from .cli import _quiet_libraries
+    from tpdm_rl.builders.tiny_backbone import make_tiny_backbone
 
-    _quiet_libraries()
+    quiet_libraries()
     out = make_tiny_backbone(args.dir, seed=args.seed, sample_size=args.size)
     print(f"tiny SD3 backbone written to {out} (seed {args.seed}, {args.size} px)")
     return 0
 
 
 def cmd_make_random_backbone(args: argparse.Namespace) -> int:
-    from .builders.random_backbone import make_random_backbone
-    from .cli import _quiet_libraries
+    from tpdm_rl.builders.random_backbone import make_random_backbone
 
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     out = make_random_backbone(args.dir, args.preset, no_t5=args.no_t5, dtype=args.dtype, seed=args.seed,
                                layers=args.layers, progress=lambda line: print(f"  {line}", flush=True))
@@ -51,10 +50,9 @@ def cmd_make_toy_backbone(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"make-toy-backbone: {str(out)!r} exists and is not an empty folder; choose a new one")
     threads = apply_threads(args.threads, "toy-trainer") if args.train else 0
-    from .builders.toy_backbone import ToyTrainSettings, copy_toy_backbone, train_toy_backbone
-    from .cli import _quiet_libraries
+    from tpdm_rl.builders.toy_backbone import ToyTrainSettings, copy_toy_backbone, train_toy_backbone
 
-    _quiet_libraries()
+    quiet_libraries()
     _check_writable(out)
     if args.train:
         settings = ToyTrainSettings(seed=args.seed, threads=threads)
@@ -83,10 +81,9 @@ def _check_writable(out: Path) -> None:
 def cmd_make_tiny_rewards(args: argparse.Namespace) -> int:
     import yaml
 
-    from .builders.reward_fixtures import make_all
-    from .cli import _quiet_libraries
+    from tpdm_rl.builders.reward_fixtures import make_all
 
-    _quiet_libraries()
+    quiet_libraries()
     opts = make_all(args.dir, seed=args.seed)
     print(f"tiny random reward models (real file formats) written to {args.dir}; use them as:")
     print(yaml.safe_dump({"rewards": {k: {"weight": 1.0, **v} for k, v in opts.items()}}, sort_keys=False))

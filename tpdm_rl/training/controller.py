@@ -21,25 +21,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tpdm_rl.algorithm.messages import RolloutTask
+from tpdm_rl.algorithm.objective import StepPenalty, compose_reward, grpo_advantages
+from tpdm_rl.algorithm.policy import TimePredictionModule, build_policy
+from tpdm_rl.core.config import Config, ConfigError
+from tpdm_rl.core.config_io import config_to_yaml
+from tpdm_rl.core.console import warn
+from tpdm_rl.core.devices import check_device
+from tpdm_rl.core.prompts import PromptSampler, load_prompts
+from tpdm_rl.core.rng import derive_key
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.timing import PhaseTimer
+from tpdm_rl.executors.base import Executor, FatalRoleError
+from tpdm_rl.executors.local import LocalExecutor
+from tpdm_rl.executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
 from tpdm_rl.rewards.composition import RewardSet
-from tpdm_rl.rng import derive_key
-
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_consent, save_checkpoint
-from .config import Config, ConfigError
-from .config_io import config_to_yaml
-from .console import warn
-from .devices import check_device
-from .executors.base import Executor, FatalRoleError
-from .executors.local import LocalExecutor
-from .executors.ray_executor import RayExecutor  # imports Ray lazily, only for distributed runs
-from .messages import RolloutTask
-from .metrics_logger import MetricsLogger
-from .objective import StepPenalty, compose_reward, grpo_advantages
-from .policy import TimePredictionModule, build_policy
-from .prompts import PromptSampler, load_prompts
-from .runfolder import RunFolder
-from .threads import apply_threads
-from .timing import PhaseTimer
+from tpdm_rl.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_consent,
+    save_checkpoint,
+)
+from tpdm_rl.training.metrics_logger import MetricsLogger
+from tpdm_rl.training.runfolder import RunFolder
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The TPM's action distributions: one object per action, all behind one interface.
 
-The TPM (``tpdm_rl/policy.py``) maps features to a head output per row; its action object turns that output into
+The TPM (``tpdm_rl/algorithm/policy.py``) maps features to a head output per row; its action object turns that output into
 the distribution's parameters (``params``, a tuple of [B] tensors) and answers everything asked of the
 distribution: ``sample``, ``deterministic`` (the inference action: ``mode`` or ``mean``), ``log_prob``,
 ``entropy`` and ``kl``. An action is stored for the learner as the ratio r = sigma_next / sigma in (0, 1), or
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdm_rl.rng import counter_beta, counter_uniform
-from tpdm_rl.tables import check_table
+from tpdm_rl.core.rng import counter_beta, counter_uniform
+from tpdm_rl.core.tables import check_table
 
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite
 STOP = 0.0  # the stored action of a "stop" decision (stop-ratio); ratios lie in (R_EPS, 1 - R_EPS)

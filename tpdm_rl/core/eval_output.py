@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tpdm_rl.defaults import EVAL_OUTPUT_FILES
+from tpdm_rl.core.defaults import EVAL_OUTPUT_FILES
 
 
 class EvalOutputError(RuntimeError):

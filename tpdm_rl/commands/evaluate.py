@@ -18,15 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from tpdm_rl.methods import parse_method, parse_methods
-from tpdm_rl.reward_registry import reward_info
+from tpdm_rl.commands.quiet import quiet_libraries
+from tpdm_rl.core.defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, MAX_SIZE, MIN_SIZE
+from tpdm_rl.core.eval_output import check_output
+from tpdm_rl.core.methods import parse_method, parse_methods
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.reward_registry import reward_info
+from tpdm_rl.core.tables import load_family
+from tpdm_rl.core.threads import apply_threads
 from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, check_toy_prompts
-from tpdm_rl.tables import load_family
-
-from .defaults import DEFAULT_METHODS, DEFAULT_PARETO_STEPS, MAX_SIZE, MIN_SIZE
-from .eval_output import check_output
-from .prompts import load_prompts
-from .threads import apply_threads
 
 # torch and the model libraries are imported inside the commands (after the thread policy is applied),
 # so the parser and every option error stay fast.
@@ -153,13 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_toy_prompts_early(args, prompts[:args.limit] if args.limit else prompts)
     check_output(Path(args.output), args.overwrite)  # before torch loads
     apply_threads(args.threads, "eval")
-    from .cli import _quiet_libraries
-    from .devices import check_device
-    from .evaluation import evaluate
+    from tpdm_rl.core.devices import check_device
+    from tpdm_rl.evaluation import evaluate
 
     check_device("--device", args.device)  # no accelerator: one line before the checkpoint loads
 
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     report = evaluate(args.checkpoint, args.output, prompts=args.prompts, methods=args.methods, rewards=args.rewards,
                       seeds=args.seeds, backbone=args.backbone, limit=args.limit, pareto_steps=pareto,
@@ -194,15 +193,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_checkpoint(args)
     _check_toy_prompts_early(args, [args.prompt])  # a toy backbone: its grammar is checked before anything loads
     apply_threads(args.threads, "sample")
+    from tpdm_rl.core.devices import check_device
     from tpdm_rl.rollout.pipeline import TPDMPipeline
-
-    from .devices import check_device
 
     check_device("--device", args.device)
 
-    from .cli import _quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     pipe = TPDMPipeline.from_pretrained(args.backbone, tpm=args.checkpoint, device=args.device,
                                         inference=args.tpm_inference)
     res = args.size or pipe.resolution
@@ -219,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     apply_threads(None, "export")
-    from .evaluation import export_tpm
+    from tpdm_rl.evaluation import export_tpm
 
     out = export_tpm(args.checkpoint, args.output, eval_dir=args.eval, overwrite=args.overwrite)
     print(f"exported TPM to {out} (tpm.safetensors, tpdm_config.json, README.md)")

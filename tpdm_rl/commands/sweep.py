@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tpdm_rl.commands.quiet import quiet_libraries
+
 EXIT_FAIL = 1
 
 
 def _print_summary(report: dict, budget: float | None) -> None:
-    from .sweep import budget_line, report_table
+    from tpdm_rl.sweep import budget_line, report_table
 
     print()
     print(report_table(report))
@@ -36,14 +38,13 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _check_options(args)  # before Ray, the trials and the report
-    from .sweep import plan_sweep
+    from tpdm_rl.sweep import plan_sweep
 
     # every trial config (--set, --grid, --random values included) is validated before torch or Ray loads
     plan_sweep(args.output, args.config, args.set, args.grid, args.random, args.samples, args.log)
-    from .cli import _quiet_libraries
-    from .sweep import run_sweep
+    from tpdm_rl.sweep import run_sweep
 
-    _quiet_libraries()
+    quiet_libraries()
     report = run_sweep(args.output, args.config, args.set, args.grid, args.random, samples=args.samples,
                        log=args.log, max_concurrent=args.max_concurrent, resume=args.resume, address=args.address,
                        early_stop=args.early_stop, early_stop_metric=args.early_stop_metric,
@@ -63,7 +64,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     if args.budget is not None and not args.budget > 0:
         raise _SweepOptionError(f"--budget {args.budget:g}: expected a mean number of steps > 0")
-    from .sweep import collect_report, write_report
+    from tpdm_rl.sweep import collect_report, write_report
 
     report = collect_report(args.dir)
     write_report(args.dir, report, args.budget)

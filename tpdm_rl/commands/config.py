@@ -12,9 +12,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import Config, RewardSpec
-from .config_io import config_to_yaml, load_config
-from .prompts import load_prompts
+from tpdm_rl.core.config import Config, RewardSpec
+from tpdm_rl.core.config_io import config_to_yaml, load_config
+from tpdm_rl.core.prompts import load_prompts
 
 
 def _type_name(tp: Any) -> str:

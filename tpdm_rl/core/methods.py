@@ -28,7 +28,7 @@
     An explicit sigma table (strictly decreasing, in [0, 1], ending at 0; NFE = its length - 1), run
     through the engine like ``fixed:N``. In a comma-separated method list the numbers after ``sigmas:``
     belong to the table up to the next token that is not a number (``tpm,sigmas:1,0.5,0,fixed:4`` is three
-    methods). ``tpdm_rl.tables`` has the hand-made families (``eval --tables``).
+    methods). ``tpdm_rl.core.tables`` has the hand-made families (``eval --tables``).
 ``tpm-mean[:N]``
     The control for "adapts to the prompt" vs "learned a better global schedule": the TPM's own
     schedules on the evaluated prompts, averaged over prompts (``schedules.mean_schedule``) and
@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tpdm_rl.tables import TableError, check_table
+from tpdm_rl.core.tables import TableError, check_table
 
 METHOD_FORMS = ("fixed:N, sigmas:S0,...,0, adaptive:THRESHOLD[:MAX_SKIP], adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm, "
                 "tpm+adaptive:THRESHOLD[:MAX_SKIP], tpm+adaptive-legacy:THRESHOLD[:MAX_SKIP], tpm-mean[:N]")

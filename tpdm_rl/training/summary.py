@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .metrics import metric_unit
-from .metrics_reader import FINAL_WINDOW, final_window, read_metrics
-from .step_penalty import StepPenalty
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.metrics_reader import FINAL_WINDOW, final_window, read_metrics
+from tpdm_rl.core.step_penalty import StepPenalty
+from tpdm_rl.training.metrics import metric_unit
 
 
 def summarize(metrics_path: Path, cfg: Config | None = None) -> str:

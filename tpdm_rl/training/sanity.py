@@ -21,18 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpdm_rl.rng import derive_key
+from tpdm_rl.algorithm.messages import LearnBatch
+from tpdm_rl.algorithm.objective import StepPenalty, grpo_advantages
+from tpdm_rl.algorithm.policy import TimePredictionModule, build_policy
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.prompts import PromptSampler
+from tpdm_rl.core.rng import derive_key
 from tpdm_rl.rollout.backbone import StepOutput
 from tpdm_rl.rollout.engine import SamplingEngine
 from tpdm_rl.rollout.schedules import TPMSchedule
-
-from .config import Config
-from .controller import plan_iteration, step_metrics
-from .learner import Learner
-from .messages import LearnBatch
-from .objective import StepPenalty, grpo_advantages
-from .policy import TimePredictionModule, build_policy
-from .prompts import PromptSampler
+from tpdm_rl.training.controller import plan_iteration, step_metrics
+from tpdm_rl.training.learner import Learner
 
 
 def _curve(start: float, gain: float, decay: float, n: int = 8) -> tuple[float, ...]:
