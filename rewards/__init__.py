@@ -4,6 +4,12 @@ Installed as ``tpdm_rl.rewards``. Importing the package loads only the registry;
 imported when first looked up.
 """
 
-from tpdm_rl.reward_registry import RewardError, build_reward, register_reward, reward_class, reward_options
+from tpdm_rl.core.reward_registry import (
+    RewardError,
+    build_reward,
+    register_reward,
+    reward_class,
+    reward_options,
+)
 
 __all__ = ["RewardError", "build_reward", "register_reward", "reward_class", "reward_options"]

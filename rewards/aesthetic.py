@@ -6,13 +6,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tpdm_rl.rewards.base import RewardModel
+from tpdm_rl.rewards.checkpoints import load_exact, load_torch_state, require_file
+from tpdm_rl.rewards.hpsv2 import create_open_clip, image_size_of, resolve_open_clip_name
+from tpdm_rl.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-
-from .base import RewardModel
-from .checkpoints import load_exact, load_torch_state, require_file
-from .hpsv2 import create_open_clip, image_size_of, resolve_open_clip_name
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from tpdm_rl.core.reward_registry import RewardError, register_reward
 
 AESTHETIC_WHERE = ("github.com/christophschuhmann/improved-aesthetic-predictor "
                    "file sac+logos+ava1-l14-linearMSE.pth")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from tpdm_rl.devices import resolve_device, resolve_dtype
-from tpdm_rl.reward_registry import RewardError
+from tpdm_rl.core.devices import resolve_device, resolve_dtype
+from tpdm_rl.core.reward_registry import RewardError
 
 
 class RewardModel(ABC):

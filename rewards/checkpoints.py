@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors.torch import load_file
 
-from tpdm_rl.reward_registry import RewardError
+from tpdm_rl.core.reward_registry import RewardError
 
 
 def one_line(text: object) -> str:

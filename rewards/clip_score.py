@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tpdm_rl.rewards.pickscore import HFCLIPReward
 
-from tpdm_rl.reward_registry import register_reward
-
-from .pickscore import HFCLIPReward
+from tpdm_rl.core.reward_registry import register_reward
 
 
 @register_reward("clip_score")

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from tpdm_rl.objective import RunningMeanStd, group_normalize
-from tpdm_rl.reward_registry import reward_class
+from tpdm_rl.algorithm.objective import RunningMeanStd, group_normalize
+from tpdm_rl.core.reward_registry import reward_class
 
 
 class RewardSet:

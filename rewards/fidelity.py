@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tpdm_rl.rewards.base import RewardModel
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-
-from .base import RewardModel
+from tpdm_rl.core.reward_registry import RewardError, register_reward
 
 #: The default cap of the fidelity reward (dB). Measured on the tiny backbone (builtin:eval, 128 px, CFG 4.5,
 #: PSNR against fixed:28): fixed:8 44.4, fixed:12 50.6, fixed:16 52.0, fixed:24 55.8 dB; an almost exact copy of

@@ -12,12 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tpdm_rl.rewards.base import RewardModel
+from tpdm_rl.rewards.checkpoints import load_exact, load_torch_state, one_line, resolve_file
+from tpdm_rl.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PromptFeatureCache,
+    resize_longest_preprocess,
+)
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-
-from .base import RewardModel
-from .checkpoints import load_exact, load_torch_state, one_line, resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, resize_longest_preprocess
+from tpdm_rl.core.reward_registry import RewardError, register_reward
 
 HPS_HUB_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tpdm_rl.rewards.aesthetic import load_reward_mlp
+from tpdm_rl.rewards.base import RewardModel
+from tpdm_rl.rewards.checkpoints import load_exact, load_torch_state, one_line, resolve_file
+from tpdm_rl.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-
-from .aesthetic import load_reward_mlp
-from .base import RewardModel
-from .checkpoints import load_exact, load_torch_state, one_line, resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from tpdm_rl.core.reward_registry import RewardError, register_reward
 
 IR_HUB_REPO = "THUDM/ImageReward"
 IR_MEAN = 0.16717362830052426

@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tpdm_rl.rewards.base import RewardModel
+from tpdm_rl.rewards.checkpoints import one_line, require_dir
+from tpdm_rl.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, clip_preprocess
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import logging as hf_logging
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-
-from .base import RewardModel
-from .checkpoints import one_line, require_dir
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptFeatureCache, clip_preprocess
+from tpdm_rl.core.reward_registry import RewardError, register_reward
 
 
 def _pooled(out) -> torch.Tensor:

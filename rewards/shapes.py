@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
+from tpdm_rl.rewards.base import RewardModel
 
-from tpdm_rl.reward_registry import RewardError, register_reward
-from tpdm_rl.toyworld import (
+from tpdm_rl.core.reward_registry import RewardError, register_reward
+from tpdm_rl.core.toyworld import (
     BACKGROUNDS,
     COLOURS,
     IMAGE_SIZE,
@@ -48,8 +49,6 @@ from tpdm_rl.toyworld import (
     PromptError,
     parse_prompt,
 )
-
-from .base import RewardModel
 
 _PALETTE = torch.tensor(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=torch.float32)  # [9, 3]
 _NC, _NS = len(COLOURS), len(SHAPES)

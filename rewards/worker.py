@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from tpdm_rl.messages import ImageBatch, ScoreResult
-from tpdm_rl.reward_registry import RewardError, build_reward
-from tpdm_rl.threads import apply_threads
+from tpdm_rl.algorithm.messages import ImageBatch, ScoreResult
+from tpdm_rl.core.reward_registry import RewardError, build_reward
+from tpdm_rl.core.threads import apply_threads
 
 
 class RewardWorker:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tpdm_rl.rollout.families import FamilyError, detect_family, family
+from tpdm_rl.rollout.toy import SHIPPED_TOY_BACKBONES, toy_backbone_path
 
-from tpdm_rl.console import warn
-from tpdm_rl.devices import DTYPES, resolve_device
-
-from .families import FamilyError, detect_family, family
-from .toy import SHIPPED_TOY_BACKBONES, toy_backbone_path
+from tpdm_rl.core.console import warn
+from tpdm_rl.core.devices import DTYPES, resolve_device
 
 
 class BackboneError(RuntimeError):

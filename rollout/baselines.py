@@ -1,12 +1,15 @@
-"""Deprecated module name: method parsing is ``tpdm_rl/methods.py``, the sampler ``rollout/sampler.py``.
+"""Deprecated module name: method parsing is ``tpdm_rl/core/methods.py``, the sampler ``rollout/sampler.py``.
 
 Kept so that code written against it keeps working: ``BaselineSampler`` is :class:`~rollout.sampler.MethodSampler`
-(which runs the TPM too, not only baselines), and the method names are those of ``tpdm_rl.methods``.
+(which runs the TPM too, not only baselines), and the method names are those of ``tpdm_rl.core.methods``.
 """
 
 from __future__ import annotations
 
-from tpdm_rl.methods import (  # noqa: F401 - re-exported
+from tpdm_rl.rollout.adaptive import legacy_skip_mask
+from tpdm_rl.rollout.sampler import INFERENCE_STREAM, MethodSampler, SampleOutput  # noqa: F401 - re-exported
+
+from tpdm_rl.core.methods import (  # noqa: F401 - re-exported
     DEFAULT_MAX_SKIP,
     DEFAULT_THRESHOLD,
     METHOD_FORMS,
@@ -16,9 +19,6 @@ from tpdm_rl.methods import (  # noqa: F401 - re-exported
     parse_method,
     parse_methods,
 )
-
-from .adaptive import legacy_skip_mask
-from .sampler import INFERENCE_STREAM, MethodSampler, SampleOutput  # noqa: F401 - re-exported
 
 #: deprecated: the sampler's old name (it runs every method, the TPM included)
 BaselineSampler = MethodSampler

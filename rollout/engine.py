@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from tpdm_rl.rollout.flow import euler_step, terminal
+from tpdm_rl.rollout.schedules import FixedSchedule, Schedule
+from tpdm_rl.rollout.trajectory import Trajectories
 
-from tpdm_rl.rng import keyed_normal_noise
-
-from .flow import euler_step, terminal
-from .schedules import FixedSchedule, Schedule
-from .trajectory import Trajectories
+from tpdm_rl.core.rng import keyed_normal_noise
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from tpdm_rl.rollout.backbone import Backbone
 
 
 @dataclass

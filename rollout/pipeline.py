@@ -23,15 +23,14 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from tpdm_rl.rollout.backbone import Backbone, BackboneError
+from tpdm_rl.rollout.sampler import MethodSampler
+from tpdm_rl.rollout.settings import check_compatible, mismatch_error, transformer_geometry
+from tpdm_rl.rollout.toy import check_toy_prompts
 
-from tpdm_rl.devices import DTYPES
-from tpdm_rl.methods import DEFAULT_MAX_SKIP, Method, parse_method
-from tpdm_rl.tpm_file import checkpoint_error, load_tpm, locate_tpm, read_inference_settings
-
-from .backbone import Backbone, BackboneError
-from .sampler import MethodSampler
-from .settings import check_compatible, mismatch_error, transformer_geometry
-from .toy import check_toy_prompts
+from tpdm_rl.core.devices import DTYPES
+from tpdm_rl.core.methods import DEFAULT_MAX_SKIP, Method, parse_method
+from tpdm_rl.training.tpm_file import checkpoint_error, load_tpm, locate_tpm, read_inference_settings
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Running a sampling method (``tpdm_rl/methods.py``) on a backbone, with or without a trained TPM.
+"""Running a sampling method (``tpdm_rl/core/methods.py``) on a backbone, with or without a trained TPM.
 
 :class:`MethodSampler` runs every method: ``fixed:N``, ``sigmas:``, ``tpm`` and ``tpm-mean`` through the
 :class:`~rollout.engine.SamplingEngine` (the training rollout's own loop), and the skipping methods
@@ -12,15 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tpdm_rl.rollout.adaptive import latent_change, make_skip_rule
+from tpdm_rl.rollout.backbone import Backbone
+from tpdm_rl.rollout.engine import SamplingEngine
+from tpdm_rl.rollout.flow import euler_step, terminal
+from tpdm_rl.rollout.schedules import INFERENCE_MODES, FixedSchedule, TPMSchedule
 
-from tpdm_rl.methods import Method, MethodError, parse_method
-from tpdm_rl.rng import derive_key, keyed_normal_noise
-
-from .adaptive import latent_change, make_skip_rule
-from .backbone import Backbone
-from .engine import SamplingEngine
-from .flow import euler_step, terminal
-from .schedules import INFERENCE_MODES, FixedSchedule, TPMSchedule
+from tpdm_rl.core.methods import Method, MethodError, parse_method
+from tpdm_rl.core.rng import derive_key, keyed_normal_noise
 
 INFERENCE_STREAM = 0x1F3  # key of the Beta draws of ``policy.inference: sample`` (per image: its noise seed)
 

@@ -53,7 +53,7 @@ INFERENCE_MODES = ("mode", "mean", "sample")
 class TPMSchedule(Schedule):
     """The TPM policy: a draw of its action (``mode='sample'``) or a deterministic one (``mode='mode'``: the Beta
     mode, the paper's inference / stop when p_stop > 1/2, else the median ratio; ``mode='mean'``: the mean
-    ratio), see :meth:`tpdm_rl.policy.TimePredictionModule.deterministic`."""
+    ratio), see :meth:`tpdm_rl.algorithm.policy.TimePredictionModule.deterministic`."""
 
     uses_features = True
 

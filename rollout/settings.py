@@ -1,7 +1,7 @@
 """A TPM file against a backbone: the inference settings a run records about its backbone, and the check that a
 TPM fits the backbone it is loaded onto.
 
-The file format itself (reading, writing, locating, the settings' keys and defaults) is ``tpdm_rl/tpm_file.py``.
+The file format itself (reading, writing, locating, the settings' keys and defaults) is ``tpdm_rl/training/tpm_file.py``.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tpdm_rl.config import Config
-from tpdm_rl.console import warn
-from tpdm_rl.tpm_file import BACKBONE_KEYS, ROLLOUT_KEYS, checkpoint_error
+from tpdm_rl.rollout.backbone import Backbone
+from tpdm_rl.rollout.toy import toy_backbone_path
 
-from .backbone import Backbone
-from .toy import toy_backbone_path
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.console import warn
+from tpdm_rl.training.tpm_file import BACKBONE_KEYS, ROLLOUT_KEYS, checkpoint_error
 
 
 def inference_settings(cfg: Config, backbone: Backbone, backbone_path: str) -> dict:

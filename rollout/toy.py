@@ -11,7 +11,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from tpdm_rl.toyworld import PromptError, parse_prompt
+from tpdm_rl.core.toyworld import PromptError, parse_prompt
 
 #: ``backbone.path`` (and the benchmarks' ``--backbone``) value that selects the shipped trained toy backbone
 BUILTIN_TOY = "builtin:toy"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpdm_rl.messages import StepRows
+from tpdm_rl.algorithm.messages import StepRows
 
 
 @dataclass

@@ -11,20 +11,19 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from tpdm_rl.rollout.backbone import Backbone
+from tpdm_rl.rollout.engine import ReferenceRequest, SamplingEngine
+from tpdm_rl.rollout.schedules import TPMSchedule
+from tpdm_rl.rollout.settings import inference_settings
+from tpdm_rl.rollout.trajectory import Trajectories
 
-from tpdm_rl.config import Config
-from tpdm_rl.devices import DTYPES
-from tpdm_rl.messages import ImageBatch, RolloutSummary, RolloutTask, StepRows
-from tpdm_rl.policy import build_policy
-from tpdm_rl.prompts import load_prompts
-from tpdm_rl.threads import apply_threads
-from tpdm_rl.timing import PhaseTimer
-
-from .backbone import Backbone
-from .engine import ReferenceRequest, SamplingEngine
-from .schedules import TPMSchedule
-from .settings import inference_settings
-from .trajectory import Trajectories
+from tpdm_rl.algorithm.messages import ImageBatch, RolloutSummary, RolloutTask, StepRows
+from tpdm_rl.algorithm.policy import build_policy
+from tpdm_rl.core.config import Config
+from tpdm_rl.core.devices import DTYPES
+from tpdm_rl.core.prompts import load_prompts
+from tpdm_rl.core.threads import apply_threads
+from tpdm_rl.core.timing import PhaseTimer
 
 
 class RolloutWorker:
