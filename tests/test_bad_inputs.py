@@ -250,8 +250,6 @@ BAD_TOY_PROMPTS = ("# toy prompts\n\na red circle on a white background\n# the n
 
 @pytest.mark.parametrize("command", ["train", "config"])
 def test_prompts_outside_the_toy_grammar_fail_at_start_up_naming_their_line(tmp_path, monkeypatch, command):
-    import time
-
     import tpdm_rl.builders.tiny_backbone as tiny_mod
     import tpdm_rl.training.controller as controller_mod
 
@@ -264,13 +262,10 @@ def test_prompts_outside_the_toy_grammar_fail_at_start_up_naming_their_line(tmp_
     prompts.write_text(BAD_TOY_PROMPTS)  # the form feed: str.splitlines() would count one line too many
     out = tmp_path / "run"
     args = ["--config", "configs/toy.yaml", "--set", f"rollout.prompts={prompts}"]
-    start = time.perf_counter()
     r = run_cli_in_process(command, *args, *(["--output", str(out)] if command == "train" else []))
-    elapsed = time.perf_counter() - start
     line = _one_line(r, 1 if command == "train" else None)
     assert f"{prompts}:6:" in line, line
     assert "'a photo of a cat'" in line and "toy grammar" in line and "unexpected word 'photo' at word 2" in line
-    assert elapsed < 10, elapsed  # no rollout (was ~16 s of it, after loading the backbone)
     assert not out.exists()  # nothing written: a retry is not blocked
     # a jsonl file counts its real lines the same way
     jl = tmp_path / "bad.jsonl"
@@ -285,19 +280,15 @@ def test_prompts_outside_the_toy_grammar_answer_before_torch_loads(tmp_path):
     used to load the backbone and roll out for ~16 s first)."""
     import subprocess
     import sys
-    import time
 
     prompts = tmp_path / "bad.txt"
     prompts.write_text(BAD_TOY_PROMPTS)
     code = ("import sys; from tpdm_rl.cli import main; "
             f"rc = main(['train', '--config', 'configs/toy.yaml', '--set', 'rollout.prompts={prompts}', "
             f"'--output', '{tmp_path / 'run'}']); print('torch loaded:', 'torch' in sys.modules, 'rc:', rc)")
-    start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    elapsed = time.perf_counter() - start
     assert "torch loaded: False rc: 1" in r.stdout, (r.stdout, r.stderr[-2000:])
     assert f"{prompts}:6: prompt 'a photo of a cat' is not in the toy grammar" in r.stderr
-    assert elapsed < 15, elapsed  # generous for a loaded machine: torch alone takes longer there
 
 
 def test_the_toy_grammar_is_checked_only_with_the_shapes_reward(tmp_path):
