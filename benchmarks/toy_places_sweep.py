@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "toy_places.yaml"
 HEADROOM = ROOT / "benchmarks" / "results" / "toy_headroom.json"
@@ -79,8 +81,9 @@ def summarise(price: float, run_dir: Path) -> dict:
     held = json.loads((run_dir / "eval" / "results.json").read_text())
     train_file = run_dir / "eval_train" / "results.json"
     nfe, table = init_table(price)
-    return {"price": price, "init_nfe": nfe, "init_table": table, "run": str(run_dir.relative_to(ROOT))
-            if run_dir.is_relative_to(ROOT) else str(run_dir),
+    iterations = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["iterations"]
+    return {"price": price, "iterations": iterations, "init_nfe": nfe, "init_table": table,
+            "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
             "heldout": _digest(held),
             "train_split": _digest(json.loads(train_file.read_text())) if train_file.is_file() else None}
 
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also report a finished run of another length (e.g. a --resume continuation)")
     ap.add_argument("--collect-only", action="store_true",
                     help="no training: report the prices whose held-out evaluation is complete")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="keep the rows of the existing results file whose (price, iterations) this call does not "
+                         "report (their run folders may be gone; each row names its run)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "toy_places_sweep.json"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "img" / "toy_places_sweep.png"))
     args = ap.parse_args(argv)
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.extra:
         price, iterations, run_dir = spec.split(":", 2)
         rows.append({**summarise(float(price), Path(run_dir).resolve()), "iterations": int(iterations)})
+    if args.keep_previous and Path(args.results).is_file():
+        have = {(r["price"], r["iterations"]) for r in rows}
+        rows += [r for r in json.loads(Path(args.results).read_text())["tpms"]
+                 if (r["price"], r.get("iterations")) not in have]
+    rows.sort(key=lambda r: (r["price"], r["iterations"]))
     report = {"command": "python benchmarks/toy_places_sweep.py " + " ".join(argv or sys.argv[1:]),
               "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": "configs/toy_places.yaml", "seconds_this_call": round(time.time() - t0, 1), "tpms": rows}
@@ -161,7 +172,7 @@ def plot(report: dict, path: Path) -> None:
     for i, t in enumerate(report["tpms"]):
         h = t["heldout"]
         c = f"C{(i + 3) % 10}"
-        extra = f", {t['iterations']} iterations" if t.get("iterations") else ""
+        extra = f", {t['iterations']} iterations"
         ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
                     capsize=3, label=f"TPM, price {t['price']:g}{extra}")
         for x, y in ((p["nfe"], p["shapes"]) for p in h["tpm_mean"]):
