@@ -51,13 +51,17 @@ def cli() -> str:
     return str(Path(sys.executable).with_name("tpdm-rl"))
 
 
-def train_and_eval(price: float, out: Path, threads: int, iterations: int | None) -> Path:
-    run_dir = out / f"coef_{price:g}"
+def run_name(price: float, seed: int) -> str:
+    return f"coef_{price:g}" + (f"_seed{seed}" if seed else "")
+
+
+def train_and_eval(price: float, out: Path, threads: int, iterations: int | None, seed: int = 0) -> Path:
+    run_dir = out / run_name(price, seed)
     if (run_dir / "eval" / "results.json").is_file() and (run_dir / "eval_train" / "results.json").is_file():
         print(f"price {price:g}: done, skipped", flush=True)
         return run_dir
     nfe, table = init_table(price)
-    sets = [f"step_penalty.coef={price}", f"policy.init_table={json.dumps(table)}", f"train.threads={threads}",
+    sets = [f"step_penalty.coef={price}", f"policy.init_table={json.dumps(table)}", f"train.threads={threads}", f"seed={seed}",
             "logging.progress=false"]
     if iterations:
         sets.append(f"train.iterations={iterations}")
@@ -67,12 +71,12 @@ def train_and_eval(price: float, out: Path, threads: int, iterations: int | None
             cmd += ["--set", s]
         if run_dir.exists():
             cmd += ["--resume", "auto"]
-        run(cmd, out / f"coef_{price:g}.log")
+        run(cmd, out / f"{run_name(price, seed)}.log")
     if not (run_dir / "eval_train" / "results.json").is_file():
         run([cli(), "eval", "--checkpoint", str(run_dir), *TRAIN_EVAL, "--methods", "tpm", "--tables",
              "builtin:toy-places", "--rewards", "shapes", "--pareto-steps", "1,2,3", "--batch-size", "32",
              "--threads", str(threads), "--no-progress", "--overwrite", "--output", str(run_dir / "eval_train")],
-            out / f"coef_{price:g}.log")
+            out / f"{run_name(price, seed)}.log")
     return run_dir
 
 
@@ -81,8 +85,8 @@ def summarise(price: float, run_dir: Path) -> dict:
     held = json.loads((run_dir / "eval" / "results.json").read_text())
     train_file = run_dir / "eval_train" / "results.json"
     nfe, table = init_table(price)
-    iterations = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["iterations"]
-    return {"price": price, "iterations": iterations, "init_nfe": nfe, "init_table": table,
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {"price": price, "iterations": cfg["train"]["iterations"], "seed": cfg["seed"], "init_nfe": nfe, "init_table": table,
             "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
             "heldout": _digest(held),
             "train_split": _digest(json.loads(train_file.read_text())) if train_file.is_file() else None}
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prices", default="0.015,0.03,0.05,0.07,0.09")
     ap.add_argument("--out", default=str(ROOT / "runs" / "toy_places_sweep"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (another seed: another run folder)")
     ap.add_argument("--iterations", type=int, default=None, help="override train.iterations (default: the config's)")
     ap.add_argument("--extra", action="append", default=[], metavar="PRICE:ITERATIONS:RUN_DIR",
                     help="also report a finished run of another length (e.g. a --resume continuation)")
@@ -130,19 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for price in [float(p) for p in args.prices.split(",")]:
         if args.collect_only:
-            run_dir = out / f"coef_{price:g}"
+            run_dir = out / run_name(price, args.seed)
             if (run_dir / "eval" / "COMPLETE").is_file():
                 rows.append(summarise(price, run_dir))
             continue
-        rows.append(summarise(price, train_and_eval(price, out, args.threads, args.iterations)))
+        rows.append(summarise(price, train_and_eval(price, out, args.threads, args.iterations, args.seed)))
     for spec in args.extra:
         price, iterations, run_dir = spec.split(":", 2)
         rows.append({**summarise(float(price), Path(run_dir).resolve()), "iterations": int(iterations)})
     if args.keep_previous and Path(args.results).is_file():
-        have = {(r["price"], r["iterations"]) for r in rows}
+        have = {(r["price"], r["iterations"], r.get("seed", 0)) for r in rows}
         rows += [r for r in json.loads(Path(args.results).read_text())["tpms"]
-                 if (r["price"], r.get("iterations")) not in have]
-    rows.sort(key=lambda r: (r["price"], r["iterations"]))
+                 if (r["price"], r.get("iterations"), r.get("seed", 0)) not in have]
+    rows.sort(key=lambda r: (r["price"], r["iterations"], r.get("seed", 0)))
     report = {"command": "python benchmarks/toy_places_sweep.py " + " ".join(argv or sys.argv[1:]),
               "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": "configs/toy_places.yaml", "seconds_this_call": round(time.time() - t0, 1), "tpms": rows}
@@ -172,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
     for i, t in enumerate(report["tpms"]):
         h = t["heldout"]
         c = f"C{(i + 3) % 10}"
-        extra = f", {t['iterations']} iterations"
+        extra = f", {t['iterations']} iterations" + (f", seed {t['seed']}" if t.get("seed") else "")
         ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
                     capsize=3, label=f"TPM, price {t['price']:g}{extra}")
         for x, y in ((p["nfe"], p["shapes"]) for p in h["tpm_mean"]):
