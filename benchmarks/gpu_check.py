@@ -4,14 +4,14 @@ On a machine with one CUDA GPU and no network (about 8 minutes on an H100; ``--t
 keeping what it has), it runs, most important first, each step a subprocess of the existing code:
 
 1. ``pytest -m gpu``: the CUDA-only tests;
-2. ``benchmarks/real_size.py --device cuda --sections backbone`` at 1024 px, batch 1 (it builds the random
+2. ``benchmarks/real_size.py --device cuda --sections backbone`` at 1024 px, the first ``--batch-sizes`` (it builds the random
    SD3-Medium folder, full depth, bf16, no T5, with ``make_random_backbone``: what ``tpdm-rl make-random-backbone``
    runs); seconds per backbone call, time shares, peak memory;
 3. ``tpdm-rl make-tiny-rewards`` and ``tpdm-rl train --config configs/sd3_medium_1gpu.yaml`` for 3 iterations on
    that folder (bf16, DeepSpeed on NCCL, one rank; 2 prompt groups of 8 per iteration): seconds per iteration
    split into rollout, rewards, learner and sync (``metrics.jsonl``), and the peak device memory per role
    (every process of the run sampled every 0.5 s, mapped to its Ray role by its process title);
-4. the same real_size rows at batch 2, 4 and 8 (one subprocess each, the folder reused);
+4. the same real_size rows at the other batch sizes, by default 2, 4 and 8 (one subprocess each, the folder reused);
 5. with ``--flux``: FLUX.1-schnell rows at 1024 px, batch 1 and 2, when at least ``FLUX_MIN_S`` seconds are left.
 
 It prints a line at least every 10 s, and writes ``gpu_check_<gpu-name>.json`` and ``.md`` (default
@@ -371,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny size (tests)")
     ap.add_argument("--flux", action="store_true", help="add FLUX.1-schnell rows if time is left")
+    ap.add_argument("--batch-sizes", default="1,2,4,8", type=lambda t: [int(x) for x in t.split(",")],
+                    help="SD3-Medium real_size batches, the first before the training (default %(default)s)")
     ap.add_argument("--time-limit", type=float, default=470.0, help="seconds for everything (default %(default)s)")
     ap.add_argument("--workdir", default="", help="random backbones, fixtures, runs and logs (default: a new "
                     "temporary folder, kept)")
@@ -416,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         step(f"real_size_{preset}_b{batch}", real_size_cmd(a, preset, batch, out))
         res["rows"].setdefault(preset, []).extend(read_rows(out))
 
-    rows("sd3-medium", 1)
+    first, *rest = a.batch_sizes
+    rows("sd3-medium", first)
     backbone = a.workdir / "sd3-medium"
     fixtures = a.workdir / "reward_fixtures"
     if (backbone / "model_index.json").exists():
@@ -428,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                  watch=lambda pid: MemorySampler(pid, gpu=not a.dry_run))
             res["training"] = {"config": CONFIG, "iterations": read_iterations(run / "metrics.jsonl")}
     else:
-        res["steps"]["train"] = {"status": "skipped (no backbone folder: see real_size_sd3-medium_b1)"}
-    for batch in (2, 4, 8):
+        res["steps"]["train"] = {"status": f"skipped (no backbone folder: see real_size_sd3-medium_b{first})"}
+    for batch in rest:
         rows("sd3-medium", batch)
     if a.flux:
         if deadline - time.monotonic() >= FLUX_MIN_S or a.dry_run:

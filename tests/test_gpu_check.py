@@ -29,15 +29,15 @@ def dry_run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, d
 
 @pytest.mark.ray
 def test_dry_run_runs_every_step_and_reports_them(tmp_path):
-    r, res, md = dry_run(tmp_path, "--time-limit", "1000")
+    r, res, md = dry_run(tmp_path, "--time-limit", "1000", "--batch-sizes", "1,2")  # the GPU run: 1,2,4,8
     assert r.returncode == 0, r.stderr[-4000:]
     assert list(res["steps"]) == ["gpu_tests", "real_size_sd3-medium_b1", "reward_fixtures", "train",
-                                  "real_size_sd3-medium_b2", "real_size_sd3-medium_b4", "real_size_sd3-medium_b8"]
+                                  "real_size_sd3-medium_b2"]
     assert all(s["status"] == "ok" for s in res["steps"].values()), res["steps"]
     n_gpu = sum(p.read_text().count("@pytest.mark.gpu") for p in (REPO / "tests").glob("test_*.py"))
     assert res["steps"]["gpu_tests"]["counts"].get("skipped", 0) >= n_gpu >= 1  # no CUDA here: all skipped
     rows = res["rows"]["sd3-medium"]
-    assert [x["batch_size"] for x in rows] == [1, 2, 4, 8]
+    assert [x["batch_size"] for x in rows] == [1, 2]
     for x in rows:
         assert x["resolution"] == 64 and x["seconds_per_call"] > 0 and x["peak_memory_bytes"] > 0
         assert sum(x["shares"].values()) == pytest.approx(1.0, abs=0.02)
@@ -50,7 +50,7 @@ def test_dry_run_runs_every_step_and_reports_them(tmp_path):
     mem = res["steps"]["train"]["memory"]["peak_bytes_by_role"]
     assert {"controller", "rollout", "reward", "learner"} <= set(mem) and all(v > 0 for v in mem.values())
     assert not res["stopped_at_time_limit"]
-    assert "| sd3-medium | 64 | 8 |" in md and "| 2 |" in md and "Peak memory per role" in md
+    assert "| sd3-medium | 64 | 2 |" in md and "| 2 |" in md and "Peak memory per role" in md
     assert "running (10 s)" in r.stderr  # the heartbeat: a line at least every 10 s while a step runs
 
 
