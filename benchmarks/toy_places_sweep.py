@@ -86,7 +86,8 @@ def summarise(price: float, run_dir: Path) -> dict:
     train_file = run_dir / "eval_train" / "results.json"
     nfe, table = init_table(price)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return {"price": price, "iterations": cfg["train"]["iterations"], "seed": cfg["seed"], "init_nfe": nfe, "init_table": table,
+    return {"price": price, "iterations": cfg["train"]["iterations"], "seed": cfg["seed"],
+            "train_threads": cfg["train"]["threads"],  # 0: every idle CPU (2 on the machine of these runs) "init_nfe": nfe, "init_table": table,
             "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
             "heldout": _digest(held),
             "train_split": _digest(json.loads(train_file.read_text())) if train_file.is_file() else None}
@@ -178,6 +179,7 @@ def plot(report: dict, path: Path) -> None:
         h = t["heldout"]
         c = f"C{(i + 3) % 10}"
         extra = f", {t['iterations']} iterations" + (f", seed {t['seed']}" if t.get("seed") else "")
+        extra += ", all threads" if t.get("train_threads") == 0 else ""
         ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
                     capsize=3, label=f"TPM, price {t['price']:g}{extra}")
         for x, y in ((p["nfe"], p["shapes"]) for p in h["tpm_mean"]):
