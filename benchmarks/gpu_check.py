@@ -367,11 +367,21 @@ def markdown(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- main
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 1,2,4,8")
+    return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny size (tests)")
     ap.add_argument("--flux", action="store_true", help="add FLUX.1-schnell rows if time is left")
-    ap.add_argument("--batch-sizes", default="1,2,4,8", type=lambda t: [int(x) for x in t.split(",")],
+    ap.add_argument("--batch-sizes", default="1,2,4,8", type=_batch_sizes,
                     help="SD3-Medium real_size batches, the first before the training (default %(default)s)")
     ap.add_argument("--time-limit", type=float, default=470.0, help="seconds for everything (default %(default)s)")
     ap.add_argument("--workdir", default="", help="random backbones, fixtures, runs and logs (default: a new "
