@@ -63,6 +63,24 @@ def test_ppo_clip_loss_against_hand_computation():
     assert abs(st.approx_kl.item() - ((r - 1) - torch.log(r)).mean().item()) < 1e-6
 
 
+def test_entropy_bonus_subtracts_the_masked_mean_entropy_and_raises_it():
+    old = torch.zeros(3)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    adv, mask = torch.tensor([1.0, 1.0, -2.0]), torch.tensor([True, True, False])
+    logit = torch.tensor([2.0, -1.0, 7.0], requires_grad=True)  # a stop bit per step: its entropy
+    p = torch.sigmoid(logit)
+    ent = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
+    plain = ppo_clip_loss(new, old, adv, mask, 0.2, entropy=ent)
+    bonus = ppo_clip_loss(new, old, adv, mask, 0.2, entropy=ent, entropy_coef=0.1)
+    assert abs((plain.loss - bonus.loss).item() - 0.1 * ent[:2].mean().item()) < 1e-6  # the masked step counts not
+    assert plain.entropy.item() == bonus.entropy.item()  # the reported entropy is the same either way
+    bonus.loss.backward()
+    # descending the loss moves each valid logit toward 0 (more entropy); the masked step gets no gradient
+    assert logit.grad[0] > 0 > logit.grad[1] and logit.grad[2] == 0
+    with pytest.raises(ValueError, match="entropy"):
+        ppo_clip_loss(new, old, adv, mask, 0.2, entropy_coef=0.1)
+
+
 def test_ppo_gradient_zero_when_clipped():
     new = torch.log(torch.tensor([1.5])).requires_grad_(True)
     st = ppo_clip_loss(new, torch.zeros(1), torch.tensor([1.0]), torch.tensor([True]), 0.2)
@@ -106,3 +124,35 @@ def test_the_step_penalty_object_answers_for_every_mode():
         disc.check(positive, per_reward_norm=True)
     with pytest.raises(ValueError, match="step penalty mode"):
         StepPenalty("linear")
+
+
+def test_learner_entropy_coef_raises_the_stop_entropy_where_the_advantage_is_silent():
+    """algorithm.entropy_coef reaches the learner: with zero advantages the plain update leaves the TPM as it is, the
+    bonus moves it toward a less certain stop head."""
+    from tpdm_rl.algorithm.messages import LearnBatch
+    from tpdm_rl.algorithm.policy import TimePredictionModule, TPMSpec
+    from tpdm_rl.core.config import AlgorithmConfig, OptimConfig
+    from tpdm_rl.training.learner import Learner
+
+    torch.manual_seed(0)
+    spec = TPMSpec(in_channels=8, temb_dim=4, grid=4, hidden=8, action="stop-ratio", init_table=(1.0, 0.5, 0.0))
+    g = torch.Generator().manual_seed(1)
+    n = 16
+    sigma = torch.full((n,), 0.25)  # near the table's end: the untrained stop head is fairly sure
+    batch = LearnBatch(torch.randn(n, 8, 4, 4, generator=g), torch.randn(n, 4, generator=g), sigma,
+                       torch.full((n,), 0.0), torch.zeros(n), torch.zeros(n), torch.ones(n, dtype=torch.bool))
+
+    def entropy_after(coef: float) -> tuple[float, float]:
+        learner = Learner(TimePredictionModule(spec), OptimConfig(lr=1e-2), AlgorithmConfig(entropy_coef=coef), 0)
+        params = learner.policy(batch.features, batch.temb, batch.sigma)
+        batch.old_logp = learner.policy.log_prob(params, batch.action).detach()
+        before = float(learner.policy.entropy(params).mean().detach())
+        for it in range(5):
+            learner.update(batch, it)
+        with torch.no_grad():
+            return before, float(learner.policy.entropy(learner.policy(batch.features, batch.temb, batch.sigma)).mean())
+
+    before, plain = entropy_after(0.0)
+    assert plain == pytest.approx(before, abs=1e-6)
+    _, bonus = entropy_after(0.5)
+    assert bonus > before + 0.01

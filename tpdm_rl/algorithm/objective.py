@@ -120,10 +120,14 @@ class PPOStats:
 
 def ppo_clip_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, clip_eps: float = 0.2, kl_ref: torch.Tensor | None = None,
-                  kl_coef: float = 0.0, entropy: torch.Tensor | None = None) -> PPOStats:
+                  kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0
+                  ) -> PPOStats:
     """PPO-clip on per-step log-probs with the trajectory's advantage, masked mean over valid steps.
 
     loss = mean_valid(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) + kl_coef * mean_valid(KL_ref)
+           - entropy_coef * mean_valid(entropy)
+    The entropy bonus keeps a policy from turning deterministic before GRPO has seen the alternatives: once every
+    trajectory of a group stops at the same step, the group has no contrast left to learn from.
     ``approx_kl`` is the low-variance estimator mean((ratio - 1) - log ratio).
     """
     m = mask.float()
@@ -136,6 +140,10 @@ def ppo_clip_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     policy_loss = (per_step * m).sum() / denom
     kl = (kl_ref * m).sum() / denom if kl_ref is not None else torch.zeros((), device=new_logp.device)
     loss = policy_loss + kl_coef * kl if kl_ref is not None and kl_coef else policy_loss
+    if entropy_coef:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the entropy of the action distribution")
+        loss = loss - entropy_coef * (entropy * m).sum() / denom
     with torch.no_grad():
         clipfrac = (((ratio - 1.0).abs() > clip_eps).float() * m).sum() / denom
         approx_kl = (((ratio - 1.0) - log_ratio) * m).sum() / denom

@@ -213,6 +213,8 @@ class AlgorithmConfig(_Strict):
                                   "before weighting")
     adv_eps: float = Field(1e-6, gt=0.0, description="added to the std of the advantage normalisation")
     kl_coef: float = Field(0.0, ge=0.0, description="weight of KL(TPM || initial TPM) per step")
+    entropy_coef: float = Field(0.0, ge=0.0, description="weight of the entropy bonus per step (keeps the stop head "
+                                "exploring: docs/design.md, \"Exploration of the stop head\")")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
 
 

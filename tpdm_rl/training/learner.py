@@ -90,7 +90,8 @@ class Learner:
                     with torch.no_grad():
                         ref = self.reference(mb.features, mb.temb, mb.sigma)
                     kl = self.policy.kl(params, ref)
-                stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, alg.clip_eps, kl, alg.kl_coef, ent)
+                stats = ppo_clip_loss(logp, mb.old_logp, mb.advantage, mb.mask, alg.clip_eps, kl, alg.kl_coef, ent,
+                                      alg.entropy_coef)
                 if epoch == 0 and count == 0:
                     first_clipfrac = float(stats.clipfrac)
                 gnorm = self._apply(stats.loss, mb.mask)

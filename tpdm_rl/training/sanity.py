@@ -59,6 +59,14 @@ class SanityWorld:
     #: the TPM starts at the best single schedule (3 steps), so it must move both ways
     init_table: tuple[float, ...] = (1.0, 0.75, 0.5, 0.0)
 
+    @classmethod
+    def places_like(cls, reward_noise: float = 0.15) -> SanityWorld:
+        """A world shaped like the places experiment: one class in three best at 1 step, the others at 2, the rule
+        worth +0.022 over the best single schedule (2 steps) at price 0.065, under reward noise 7x that gain."""
+        straight, branching = (0.82,) * 8, (0.60, 0.78, 0.81) + (0.82,) * 5
+        return cls(quality=(straight, branching, branching), price=0.065, reward_noise=reward_noise,
+                   prompts_per_class=32)
+
     @property
     def classes(self) -> int:
         return len(self.quality)
