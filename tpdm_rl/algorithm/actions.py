@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpdm_rl.core.rng import counter_beta, counter_uniform
-from tpdm_rl.core.tables import check_table
+from tpdm_rl.core.tables import check_stop_steps, check_table
 
 R_EPS = 1e-6  # ratios are kept inside (R_EPS, 1 - R_EPS) so log-probs stay finite
 STOP = 0.0  # the stored action of a "stop" decision (stop-ratio); ratios lie in (R_EPS, 1 - R_EPS)
@@ -127,21 +127,23 @@ class StopRatioAction(ActionDistribution):
 
     name, head_size = "stop-ratio", 3
 
-    def __init__(self, table: tuple[float, ...], init_spread: float, sharpness: float) -> None:
+    def __init__(self, table: tuple[float, ...], init_spread: float, sharpness: float, stop_steps: int = 0) -> None:
         super().__init__()
         check_table(table, "init_table")  # the same rule as the config's (a TPM file's spec is checked here)
         if not init_spread > 0:
             raise ValueError(f"init_spread must be > 0, got {init_spread}")
         if not sharpness > 0:
             raise ValueError(f"stop_sharpness must be > 0, got {sharpness}")
-        self.init_spread, self.sharpness = init_spread, sharpness
+        check_stop_steps(stop_steps, table)
+        self.init_spread, self.sharpness, self.stop_steps = init_spread, sharpness, stop_steps
         self.register_buffer("table", torch.tensor(table, dtype=torch.float32), persistent=False)
 
     def init_head_bias(self, bias: torch.Tensor) -> None:
         bias.zero_()
 
     def params(self, head: torch.Tensor, sigma: torch.Tensor) -> Params:
-        base_stop, base_logit = table_base(self.table, sigma.float().to(head.device), self.sharpness)
+        base_stop, base_logit = table_base(self.table, sigma.float().to(head.device), self.sharpness,
+                                           self.stop_steps)
         return (base_stop + head[:, 0], base_logit + head[:, 1],
                 math.log(self.init_spread) + head[:, 2].clamp(-6.0, 3.0))
 
@@ -196,12 +198,13 @@ ACTIONS = ("beta", "stop-ratio")
 
 
 def make_action(action: str, *, init_ratio: float, init_concentration: float, exp_head: bool,
-                init_table: tuple[float, ...], init_spread: float, stop_sharpness: float) -> ActionDistribution:
+                init_table: tuple[float, ...], init_spread: float, stop_sharpness: float,
+                init_stop_steps: int = 0) -> ActionDistribution:
     """The action object named ``action``, validated (ValueError names the setting at fault)."""
     if action == "beta":
         return BetaAction(init_ratio, init_concentration, exp_head)
     if action == "stop-ratio":
-        return StopRatioAction(init_table, init_spread, stop_sharpness)
+        return StopRatioAction(init_table, init_spread, stop_sharpness, init_stop_steps)
     raise ValueError(f"TPM action must be one of {ACTIONS}, got {action!r}")
 
 
@@ -209,14 +212,17 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def table_base(table: torch.Tensor, sigma: torch.Tensor, sharpness: float = STOP_SHARPNESS
+def table_base(table: torch.Tensor, sigma: torch.Tensor, sharpness: float = STOP_SHARPNESS, stop_steps: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(base stop logit, base logit of r) at ``sigma`` for a decreasing sigma ``table`` ending at 0.
 
     sigma is placed at its fractional position u on the table (linear between entries); the base next
     sigma is the table read at u + 1, the base ratio that over sigma. The stop logit rises by
     ``sharpness`` per table position and crosses 0 half a position before the table's last
-    non-zero entry: on the table, the policy stops exactly where the table jumps to 0."""
+    non-zero entry: on the table, the policy stops exactly where the table jumps to 0. With ``stop_steps`` m > 0
+    it crosses 0 half a position before entry m - 1 instead: the untrained policy follows the table's ratios but
+    stops after m steps, so a class that needs more steps climbs one step at a time rather than crossing a step
+    count that is worse than both its neighbours (docs/design.md, "Where the stop head starts")."""
     t = table.to(sigma.device)
     n = t.numel()
     rev = torch.flip(t, (0,))  # increasing
@@ -229,7 +235,8 @@ def table_base(table: torch.Tensor, sigma: torch.Tensor, sharpness: float = STOP
     j = nxt.floor().long().clamp(max=n - 2)
     g = t[j] + (t[j + 1] - t[j]) * (nxt - j.float())
     ratio = (g / sigma.clamp_min(1e-12)).clamp(*BASE_RATIO_RANGE)
-    stop = sharpness * (u - (n - 2.5))
+    last = (stop_steps if stop_steps else n - 1) - 1  # the position whose step ends the untrained schedule
+    stop = sharpness * (u - (last - 0.5))
     return stop, torch.logit(ratio)
 
 

@@ -42,6 +42,7 @@ class TPMSpec:
     init_table: tuple[float, ...] = ()  # stop-ratio: the base sigma table (decreasing, ending at 0)
     init_spread: float = 0.3  # stop-ratio: the untrained TPM's std of logit r
     stop_sharpness: float = STOP_SHARPNESS  # stop-ratio: base stop logit per table position
+    init_stop_steps: int = 0  # stop-ratio: steps of the untrained TPM (0: the table's own)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,7 +91,8 @@ class TimePredictionModule(nn.Module):
         self.paper = spec.inputs == "paper"
         self.action: ActionDistribution = make_action(
             spec.action, init_ratio=spec.init_ratio, init_concentration=spec.init_concentration, exp_head=self.paper,
-            init_table=spec.init_table, init_spread=spec.init_spread, stop_sharpness=spec.stop_sharpness)
+            init_table=spec.init_table, init_spread=spec.init_spread, stop_sharpness=spec.stop_sharpness,
+            init_stop_steps=spec.init_stop_steps)
         self.head = nn.Sequential(nn.Linear(2 * h, h), nn.SiLU(), nn.Linear(h, self.action.head_size))
         nn.init.zeros_(self.cond[-1].weight)
         nn.init.zeros_(self.cond[-1].bias)
@@ -150,7 +152,8 @@ def build_policy(cfg: Config, in_channels: int, temb_dim: int) -> TimePrediction
                    inputs=cfg.policy.inputs, action=cfg.policy.action,
                    init_table=tuple(cfg.policy.init_table) if cfg.policy.action == "stop-ratio" else (),
                    init_spread=cfg.policy.init_spread,
-                   stop_sharpness=cfg.policy.stop_sharpness if cfg.policy.action == "stop-ratio" else STOP_SHARPNESS)
+                   stop_sharpness=cfg.policy.stop_sharpness if cfg.policy.action == "stop-ratio" else STOP_SHARPNESS,
+                   init_stop_steps=cfg.policy.init_stop_steps if cfg.policy.action == "stop-ratio" else 0)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(derive_key(cfg.seed, 0x7B3) % (2**63))
     try:

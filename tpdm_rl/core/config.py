@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tpdm_rl.core.methods import parse_methods
 from tpdm_rl.core.reward_registry import RewardError, reward_info
 from tpdm_rl.core.step_penalty import StepPenalty
-from tpdm_rl.core.tables import TableError, check_table, load_family
+from tpdm_rl.core.tables import TableError, check_stop_steps, check_table, load_family
 
 #: the most training iterations a run may ask for (1,000,000 iterations of the smallest run is weeks of compute;
 #: a larger number is a typo, e.g. an extra digit group)
@@ -86,6 +86,9 @@ class PolicyConfig(_Strict):
     stop_sharpness: float = Field(3.0, gt=0.0, le=50.0, description="stop-ratio: the untrained TPM's stop logit "
                                   "per table position (3: p_stop 0.18 one table step before the table's jump to 0, "
                                   "0.82 at it); higher explores shorter schedules less")
+    init_stop_steps: int = Field(0, ge=0, description="stop-ratio: the untrained TPM follows init_table's ratios but "
+                                 "stops after this many steps (0: the table's own); 1 lets each prompt climb from 1 "
+                                 "step where a middle step count is worse than both neighbours (configs/toy_places.yaml)")
     inputs: Literal["blocks", "paper"] = Field("blocks", description="blocks: backbone.feature_blocks of the "
                                                "conditional branch, mean+max pool, 1+softplus; paper: the official "
                                                "TPDM inputs (pos_embed and norm_out outputs and temb, CFG-combined), "
@@ -101,6 +104,10 @@ class PolicyConfig(_Strict):
                 check_table(self.init_table, "init_table")
             except TableError as exc:
                 raise ValueError(f"{exc} (stop-ratio needs a table to start from)") from None
+            try:
+                check_stop_steps(self.init_stop_steps, self.init_table)
+            except TableError as exc:
+                raise ValueError(str(exc)) from None
             return self
         a, b = self.init_ratio * self.init_concentration, (1 - self.init_ratio) * self.init_concentration
         if a <= 1 or b <= 1:

@@ -37,6 +37,13 @@ class TableError(ValueError):
     """A sigma table or table family is malformed (one-line message naming it)."""
 
 
+def check_stop_steps(stop_steps: int, table: list[float] | tuple[float, ...]) -> None:
+    """``policy.init_stop_steps`` is 0 (the table's own step count) or a step count the table reaches: 1 .. len - 1."""
+    if not 0 <= stop_steps <= len(table) - 1:
+        raise TableError(f"policy.init_stop_steps must be 0 (the table's own {len(table) - 1} steps) or "
+                         f"1..{len(table) - 1} for init_table {list(table)}, got {stop_steps}")
+
+
 def check_table(values: list[float] | tuple[float, ...], what: str = "sigma table") -> tuple[float, ...]:
     """The table as floats, or :class:`TableError` saying what is wrong: decreasing, in [0, 1], ending at 0."""
     text = ",".join(f"{v:g}" if isinstance(v, float | int) else str(v) for v in values)
