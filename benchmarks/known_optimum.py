@@ -61,6 +61,22 @@ ROWS += [
     ("places-like, noisy: 32 prompts x 60 it", PLACES_LIKE,
      {**_PL, "train.iterations": 60, "rollout.prompts_per_iteration": 32}),
 ]
+#: the places world's own step landscape (training-split table scores; 2 steps worse than 1 and 3 for all-placed
+#: prompts), reward noise 0.15, trained as configs/toy_places.yaml is (16 prompts x 120 iterations unless said)
+_V = SanityWorld.places_valley()
+VALLEY = {"quality": _V.quality, "price": _V.price, "reward_noise": _V.reward_noise,
+          "prompts_per_class": _V.prompts_per_class}
+_PV = {**_PL, "train.iterations": 120, "rollout.prompts_per_iteration": 16}
+ROWS += [
+    ("places valley: start at the 3-step table", VALLEY, _PV),
+    ("places valley: start at 3 steps, stop_sharpness 2", VALLEY, {**_PV, "policy.stop_sharpness": 2.0}),
+    ("places valley: start at 3 steps, stop_sharpness 1.5", VALLEY, {**_PV, "policy.stop_sharpness": 1.5}),
+    ("places valley: start at 3 steps, stop_sharpness 2, lr 3e-3", VALLEY,
+     {**_PV, "policy.stop_sharpness": 2.0, "optim.lr": 3e-3}),
+    ("places valley: start at 1 step (init_stop_steps 1)", VALLEY, {**_PV, "policy.init_stop_steps": 1}),
+    ("places valley: start at 1 step, 8 prompts x 240 it", VALLEY,
+     {**_PV, "policy.init_stop_steps": 1, "rollout.prompts_per_iteration": 8, "train.iterations": 240}),
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,18 @@ def test_sixteen_prompts_per_iteration_learn_the_rule_under_reward_noise():
     cfg = sanity_config(w, **{"train.iterations": 120, "rollout.prompts_per_iteration": 16, "algorithm.adv_std": "global"})
     res = train_sanity(w, cfg)
     assert res.passes("mode", share=0.75), (res.per_class_steps, res.gain_share)
+
+
+def test_a_tpm_started_at_one_step_crosses_the_places_valley():
+    """The places world's own landscape (SanityWorld.places_valley, from training-split table scores): all-placed
+    prompts are worse at 2 steps than at 1 or 3, and the optimum is 1 step for them, 3 for the rest. Started at the
+    3-step table, the stop head never leaves 3 steps; started at 1 step (policy.init_stop_steps: 1, the table's ratios)
+    every class climbs to its own optimum. Both with configs/toy_places.yaml's learning settings."""
+    w = SanityWorld.places_valley()
+    opt = w.optimum()
+    assert opt["per_class_steps"] == [1, 3, 3] and opt["single_steps"] == 3
+    sets = {"train.iterations": 120, "rollout.prompts_per_iteration": 16, "algorithm.adv_std": "global"}
+    stuck = train_sanity(w, sanity_config(w, **sets))
+    assert stuck.per_class_steps["mode"] == pytest.approx([3.0, 3.0, 3.0], abs=0.1)
+    climbed = train_sanity(w, sanity_config(w, **sets, **{"policy.init_stop_steps": 1}))
+    assert climbed.passes("mode", share=0.75), (climbed.per_class_steps, climbed.gain_share)

@@ -113,7 +113,7 @@ def test_untrained_stop_ratio_tpm_follows_its_table_and_stops_where_it_jumps_to_
     s, steps = torch.ones(1), 0
     while float(s) > 0 and steps < 20:
         a = tpm.deterministic(_params(tpm, s), "mode")
-        s = torch.zeros(1) if float(a) == STOP else a * s
+        s = torch.zeros(1) if float(a.detach()) == STOP else a * s
         steps += 1
     assert steps == 5
 
@@ -157,3 +157,35 @@ def test_stop_ratio_spec_round_trips_and_validates_its_table():
     for bad in ((), (1.0, 0.5), (1.0, 0.6, 0.7, 0.0)):
         with pytest.raises(ValueError, match="init_table"):
             TimePredictionModule(TPMSpec(8, 8, 4, action="stop-ratio", init_table=bad))
+
+
+def test_init_stop_steps_moves_only_where_the_untrained_tpm_stops():
+    """policy.init_stop_steps m: the untrained TPM keeps the table's ratios but stops after m steps (0: the table's
+    own count); a spec written before the setting loads with 0."""
+    from tpdm_rl.algorithm.actions import table_base
+
+    table = torch.tensor([1.0, 0.95, 0.9, 0.0])
+    on_table = torch.tensor([1.0, 0.95, 0.9])  # the sigma before step 1, 2 and 3
+    stops = {m: (table_base(table, on_table, 3.0, m)[0] > 0).tolist() for m in (0, 1, 2, 3)}
+    assert stops == {0: [False, False, True], 1: [True, True, True], 2: [False, True, True], 3: [False, False, True]}
+    ratios = {m: table_base(table, on_table, 3.0, m)[1] for m in (0, 1, 2)}
+    torch.testing.assert_close(ratios[1], ratios[0])
+    torch.testing.assert_close(ratios[2], ratios[0])
+    # the first decision of m = 1 is as sure as the table's own last one: p_stop 0.82
+    assert torch.sigmoid(table_base(table, on_table[:1], 3.0, 1)[0]).item() == pytest.approx(1 / (1 + math.exp(-1.5)))
+    spec = TPMSpec(8, 8, 4, action="stop-ratio", init_table=(1.0, 0.95, 0.9, 0.0), init_stop_steps=1)
+    assert TPMSpec.from_dict(spec.to_dict()) == spec
+    old = spec.to_dict()
+    del old["init_stop_steps"]
+    assert TPMSpec.from_dict(old).init_stop_steps == 0
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="init_stop_steps"):
+            TimePredictionModule(TPMSpec(8, 8, 4, action="stop-ratio", init_table=(1.0, 0.95, 0.9, 0.0),
+                                         init_stop_steps=bad))
+
+
+def test_config_rejects_an_init_stop_steps_the_table_cannot_reach():
+    from tpdm_rl.core.config import Config
+
+    with pytest.raises(ValueError, match=r"init_stop_steps must be 0 \(the table's own 2 steps\) or 1..2.*got 3"):
+        Config.model_validate({"policy": {"action": "stop-ratio", "init_table": [1, 0.5, 0], "init_stop_steps": 3}})

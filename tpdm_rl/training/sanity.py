@@ -67,6 +67,17 @@ class SanityWorld:
         return cls(quality=(straight, branching, branching), price=0.065, reward_noise=reward_noise,
                    prompts_per_class=32)
 
+    @classmethod
+    def places_valley(cls, reward_noise: float = 0.15) -> SanityWorld:
+        """The places world's own step landscape: each class's quality at 1-5 steps is the training-split score of the
+        ``builtin:toy-places`` table of that NFE (120 prompts x 2 seeds; all-placed prompts, then the rest). For
+        all-placed prompts 2 steps are worse than 1 and 3, so at price 0.065 the per-class optimum is 1 step for them
+        and 3 for the rest (+0.022 over 3 steps for all): a TPM started at 3 steps must cross the 2-step valley."""
+        straight = (0.866, 0.784, 0.929, 0.965, 0.982, 0.982, 0.982, 0.982)
+        branching = (0.610, 0.725, 0.808, 0.832, 0.866, 0.866, 0.866, 0.866)
+        return cls(quality=(straight, branching, branching), price=0.065, reward_noise=reward_noise,
+                   prompts_per_class=32)
+
     @property
     def classes(self) -> int:
         return len(self.quality)
