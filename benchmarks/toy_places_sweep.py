@@ -87,10 +87,18 @@ def summarise(price: float, run_dir: Path) -> dict:
     nfe, table = init_table(price)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {"price": price, "iterations": cfg["train"]["iterations"], "seed": cfg["seed"],
-            "train_threads": cfg["train"]["threads"],  # 0: every idle CPU (2 on the machine of these runs) "init_nfe": nfe, "init_table": table,
+            "train_threads": cfg["train"]["threads"],  # 0: every idle CPU (2 on the machine of these runs)
+            "prompts_per_iteration": cfg["rollout"]["prompts_per_iteration"],
+            "init_stop_steps": cfg["policy"].get("init_stop_steps", 0), "init_nfe": nfe, "init_table": table,
             "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
             "heldout": _digest(held),
             "train_split": _digest(json.loads(train_file.read_text())) if train_file.is_file() else None}
+
+
+def row_key(r: dict) -> tuple:
+    """What makes two rows different runs (rows written before a setting was recorded had its former value)."""
+    return (r["price"], r.get("prompts_per_iteration", 8), r.get("init_stop_steps", 0), r["iterations"],
+            r.get("seed", 0), r.get("train_threads", 1))
 
 
 def _digest(res: dict) -> dict:
@@ -145,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         price, iterations, run_dir = spec.split(":", 2)
         rows.append({**summarise(float(price), Path(run_dir).resolve()), "iterations": int(iterations)})
     if args.keep_previous and Path(args.results).is_file():
-        have = {(r["price"], r["iterations"], r.get("seed", 0)) for r in rows}
-        rows += [r for r in json.loads(Path(args.results).read_text())["tpms"]
-                 if (r["price"], r.get("iterations"), r.get("seed", 0)) not in have]
-    rows.sort(key=lambda r: (r["price"], r["iterations"], r.get("seed", 0)))
+        have = {row_key(r) for r in rows}
+        rows += [r for r in json.loads(Path(args.results).read_text())["tpms"] if row_key(r) not in have]
+    rows.sort(key=row_key)
     report = {"command": "python benchmarks/toy_places_sweep.py " + " ".join(argv or sys.argv[1:]),
               "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": "configs/toy_places.yaml", "seconds_this_call": round(time.time() - t0, 1), "tpms": rows}
@@ -178,7 +185,9 @@ def plot(report: dict, path: Path) -> None:
     for i, t in enumerate(report["tpms"]):
         h = t["heldout"]
         c = f"C{(i + 3) % 10}"
-        extra = f", {t['iterations']} iterations" + (f", seed {t['seed']}" if t.get("seed") else "")
+        extra = f", {t.get('prompts_per_iteration', 8)} prompts x {t['iterations']} iterations"
+        extra += ", from 1 step" if t.get("init_stop_steps") == 1 else ""
+        extra += f", seed {t['seed']}" if t.get("seed") else ""
         extra += ", all threads" if t.get("train_threads") == 0 else ""
         ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
                     capsize=3, label=f"TPM, price {t['price']:g}{extra}")
