@@ -58,7 +58,7 @@ def test_a_class_the_tpm_cannot_see_gives_no_per_class_rule():
 def test_sixteen_prompts_per_iteration_learn_the_rule_under_reward_noise():
     """The places-like world (one class in three best at 1 step, the rest at 2; reward noise 7x the rule's gain), trained
     as configs/toy_places.yaml is: 16 prompts x 8 per iteration, global advantage std. In
-    benchmarks/results/known_optimum.json 8 of 8 seeds find the per-class NFE this way, and 4 of 8 with 8 prompts x 240
+    benchmarks/results/known_optimum.json 8 of 8 seeds find the per-class NFE this way, and 5 of 8 with 8 prompts x 240
     iterations (the same number of trajectories)."""
     w = SanityWorld.places_like()
     opt = w.optimum()
