@@ -173,7 +173,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     first = report["tpms"][0]["heldout"]
     for key, style, label in (("fixed", "o-", "fixed:N (diffusers)"), ("tables", "s-", "builtin:toy-places tables")):
         pts = sorted((p["nfe"], p["shapes"]) for p in first[key])
@@ -184,12 +184,14 @@ def plot(report: dict, path: Path) -> None:
     ax.plot(*zip(*pts), ":", color="tab:green", label="per-class allocation (headroom, 2-fold CV, 200 prompts x 1)")
     for i, t in enumerate(report["tpms"]):
         h = t["heldout"]
-        c = f"C{(i + 3) % 10}"
+        c = plt.get_cmap("tab20")(i % 20)
         extra = f", {t.get('prompts_per_iteration', 8)} prompts x {t['iterations']} iterations"
         extra += ", from 1 step" if t.get("init_stop_steps") == 1 else ""
         extra += f", seed {t['seed']}" if t.get("seed") else ""
         extra += ", all threads" if t.get("train_threads") == 0 else ""
-        ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt="*", ms=11, color=c,
+        marker = "D" if t.get("init_stop_steps") == 1 else "*"  # the current config's settings, or the earlier ones
+        ax.errorbar([h["tpm"]["nfe"]], [h["tpm"]["shapes"]], yerr=[h["tpm"]["shapes_se"]], fmt=marker,
+                    ms=7 if marker == "D" else 11, color=c,
                     capsize=3, label=f"TPM, price {t['price']:g}{extra}")
         for x, y in ((p["nfe"], p["shapes"]) for p in h["tpm_mean"]):
             ax.plot([x], [y], "x", color=c, ms=8)
@@ -198,7 +200,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("shapes score (held-out places prompts, 210 x 2 seeds)")
     ax.set_xlim(0.8, 8.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("places world: one learned TPM per step price (held-out)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
