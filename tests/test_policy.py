@@ -112,8 +112,8 @@ def test_untrained_stop_ratio_tpm_follows_its_table_and_stops_where_it_jumps_to_
     # a deterministic run from sigma 1 walks the table: 5 steps, the last one a stop
     s, steps = torch.ones(1), 0
     while float(s) > 0 and steps < 20:
-        a = tpm.deterministic(_params(tpm, s), "mode")
-        s = torch.zeros(1) if float(a.detach()) == STOP else a * s
+        a = tpm.deterministic(_params(tpm, s), "mode").detach()
+        s = torch.zeros(1) if float(a) == STOP else a * s
         steps += 1
     assert steps == 5
 
