@@ -11,6 +11,7 @@ optimum per class and >= 90% of the gain). Writes ``benchmarks/results/known_opt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,9 +42,12 @@ ROWS: list[tuple[str, dict, dict]] = [
 #: is worth +0.022 over the best single schedule at price 0.065) with noisy rewards (std 0.15, 7x that gain), trained as
 #: configs/toy_places.yaml is (global advantage std, groups of 8). Equal trajectory budgets: 8 prompts x 240
 #: iterations = 16 x 120 = 32 x 60.
-_W = SanityWorld.places_like()
-PLACES_LIKE = {"quality": _W.quality, "price": _W.price, "reward_noise": _W.reward_noise,
-               "prompts_per_class": _W.prompts_per_class}
+def _kwargs(world: SanityWorld) -> dict:
+    """A named world as the keyword arguments a row stores (and rebuilds it from)."""
+    return {f.name: getattr(world, f.name) for f in dataclasses.fields(world)}
+
+
+PLACES_LIKE = _kwargs(SanityWorld.places_like())
 _PL = {"algorithm.adv_std": "global"}
 ROWS += [
     ("places-like, noisy: 8 prompts x 240 it", PLACES_LIKE, {**_PL, "train.iterations": 240}),
@@ -63,9 +67,7 @@ ROWS += [
 ]
 #: the places world's own step landscape (training-split table scores; 2 steps worse than 1 and 3 for all-placed
 #: prompts), reward noise 0.15, trained as configs/toy_places.yaml is (16 prompts x 120 iterations unless said)
-_V = SanityWorld.places_valley()
-VALLEY = {"quality": _V.quality, "price": _V.price, "reward_noise": _V.reward_noise,
-          "prompts_per_class": _V.prompts_per_class}
+VALLEY = _kwargs(SanityWorld.places_valley())
 _PV = {**_PL, "train.iterations": 120, "rollout.prompts_per_iteration": 16}
 ROWS += [
     ("places valley: start at the 3-step table", VALLEY, _PV),
@@ -118,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in keep:  # files written before rows carried their own command
             for k in ("command", "threads", "seeds"):
                 r.setdefault(k, old.get(k))
-        rows = keep + rows
-        rows.sort(key=lambda r: [name for name, *_ in ROWS].index(r["row"]) if r["row"] in [n for n, *_ in ROWS]
-                  else len(ROWS))
+        order = [name for name, *_ in ROWS]
+        rows = sorted(keep + rows, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "rows": rows}
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
